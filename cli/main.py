@@ -1,0 +1,309 @@
+"""`rsedge`: one command for the host stages, each writing a run directory and `record.json`.
+
+Heavy imports happen inside the sub-commands, so `rsedge --help` is instant and `rsedge bench`
+works on a device where only the runtime is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+EPILOG = """\
+typical flow:
+  rsedge data synth --out data/synth
+  rsedge train    --data data/synth --model resnet18 --img-size 32 --epochs 10 --out runs/base
+  rsedge prune    --model runs/base/model.safetensors --method l1 --ratio 0.5 --out runs/pruned
+  rsedge finetune --model runs/pruned/model.safetensors --data data/synth --epochs 5 --out runs/ft
+  rsedge export   --model runs/ft/model.safetensors --out runs/onnx --int8 --calib-data data/synth
+  rsedge bench    runs/onnx/model.onnx runs/onnx/model_int8.onnx
+or all of it at once: rsedge demo
+"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_training_options(p: argparse.ArgumentParser, epochs: int, lr: float | None) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs, help="number of epochs")
+    g.add_argument("--batch-size", type=int, default=64, help="images per step")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="optimizer")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay on conv/linear weights (default: 5e-4 sgd, 0.05 adamw); never on BN/biases")
+    g.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
+                   help="learning-rate schedule; step multiplies by --step-gamma at --step-milestones")
+    g.add_argument("--step-milestones", type=float, nargs="+", default=[0.5, 0.75],
+                   help="fractions of the epochs where the step schedule decays")
+    g.add_argument("--step-gamma", type=float, default=0.1, help="decay factor of the step schedule")
+    g.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up epochs")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--seed", type=int, default=0, help="seed for the split, initialization and data order")
+    g.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
+                   help="data-loading worker processes")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--no-amp", action="store_true", help="disable mixed precision (it is only used on CUDA)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the run directory's checkpoint (written after every epoch)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_config(args):
+    from rsedge.trainer.train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+        step_milestones=tuple(args.step_milestones), step_gamma=args.step_gamma, seed=args.seed,
+        workers=args.workers, amp=not args.no_amp, device=args.device, label_smoothing=args.label_smoothing,
+    )
+
+
+def cmd_data_synth(args) -> int:
+    from rsedge.trainer.synth import make_synthetic_dataset
+
+    counts = make_synthetic_dataset(args.out, per_class=args.per_class, size=args.size, seed=args.seed)
+    print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out}: {', '.join(counts)}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from rsedge.trainer.datasets import make_split
+
+    split = make_split(args.data, val=args.val, test=args.test, seed=args.seed)
+    print(f"{split['root']}: {len(split['classes'])} classes; train {split['counts']['train']}, "
+          f"val {split['counts']['val']}, test {split['counts']['test']}; {len(split['skipped'])} unreadable")
+    for s in split["skipped"][:20]:
+        print(f"  unreadable: {s['path']} ({s['error']})")
+    if args.out:
+        from rsedge.trainer.datasets import save_split
+
+        save_split(split, os.path.join(args.out, "split.json"))
+        print(f"split written to {os.path.join(args.out, 'split.json')}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from rsedge.trainer.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from rsedge.trainer.run import train_run
+
+    train_run(args.data, args.model, args.out, img_size=args.img_size, cfg=_train_config(args), weights=args.weights,
+              val=args.val, test=args.test, split_file=args.split, resume=args.resume, progress=not args.quiet)
+    print(f"model written to {os.path.join(args.out, 'model.safetensors')}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rsedge.trainer.run import eval_run
+
+    eval_run(args.model, args.data, args.out, part=args.split, batch_size=args.batch_size, device=args.device,
+             progress=not args.quiet)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from rsedge.compress.prune import prune_run
+
+    prune_run(args.model, args.out, method=args.method, ratio=args.ratio, round_to=args.round_to,
+              global_pruning=args.global_pruning, data=args.data)
+    print(f"pruned model written to {os.path.join(args.out, 'model.safetensors')}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from rsedge.compress.finetune import finetune_run
+
+    finetune_run(args.model, args.data, args.out, cfg=_train_config(args), loss=args.loss, aml_r=args.aml_r,
+                 resume=args.resume, progress=not args.quiet)
+    print(f"fine-tuned model written to {os.path.join(args.out, 'model.safetensors')}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rsedge.export.run import export_run
+
+    export_run(args.model, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, simplifier=args.simplifier,
+               int8=args.int8, calib_data=args.calib_data, calib_size=args.calib_size,
+               calib_method=args.calib_method, data=args.data)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from rsedge.trainer.modelfile import read_metadata
+
+    meta = read_metadata(args.model)
+    if not args.layout:
+        meta["layout"] = {k: f"{len(v)} entries" for k, v in meta.get("layout", {}).items()}
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, fast=args.fast, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rsedge",
+        description="Remote-sensing models from training to a measured edge engine: "
+        "train, prune, fine-tune, export (ONNX, INT8), build (TensorRT) and benchmark.",
+        epilog=EPILOG, formatter_class=_Formatter,
+    )
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("data", help="make or check datasets", formatter_class=_Formatter)
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    s = dsub.add_parser("synth", help="write the synthetic land-cover dataset (demo and tests)",
+                        formatter_class=_Formatter)
+    s.add_argument("--out", required=True, help="folder to write <class>/<image>.png into")
+    s.add_argument("--per-class", type=int, default=100, help="images per class")
+    s.add_argument("--size", type=int, default=64, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    s.set_defaults(func=cmd_data_synth)
+    c = dsub.add_parser("check", help="scan an image-folder dataset: classes, split sizes, unreadable files",
+                        formatter_class=_Formatter)
+    c.add_argument("--data", required=True, help="dataset root (one folder per class)")
+    c.add_argument("--val", type=float, default=0.1, help="validation fraction per class")
+    c.add_argument("--test", type=float, default=0.2, help="test fraction per class")
+    c.add_argument("--seed", type=int, default=0, help="split seed")
+    c.add_argument("--out", help="also write split.json into this run directory")
+    c.set_defaults(func=cmd_data_check)
+
+    m = sub.add_parser("models", help="list the architectures of the registry")
+    m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train", help="train a classifier on an image-folder dataset", formatter_class=_Formatter)
+    t.add_argument("--data", required=True, help="dataset root: one folder per class (jpg, png, tif)")
+    t.add_argument("--model", required=True, help="architecture name (see `rsedge models`)")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--img-size", type=int, default=64, help="input side in pixels (EuroSAT is 64)")
+    t.add_argument("--weights", help="initial weights: a local .safetensors or state-dict .pth (never downloaded)")
+    t.add_argument("--val", type=float, default=0.1, help="validation fraction per class")
+    t.add_argument("--test", type=float, default=0.2, help="test fraction per class")
+    t.add_argument("--split", help="reuse this split.json instead of making a new split")
+    _add_training_options(t, epochs=30, lr=None)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a model file",
+                       formatter_class=_Formatter)
+    e.add_argument("--model", required=True, help="model file (.safetensors written by rsedge)")
+    e.add_argument("--data", required=True, help="dataset root")
+    e.add_argument("--split", default="auto", choices=("auto", "all", "train", "val", "test"),
+                   help="auto: the model's test split if DATA is its training folder, else every image")
+    e.add_argument("--out", help="write metrics.json, confusion.png and record.json here")
+    e.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("prune", help="structured channel pruning, physically slimmed", formatter_class=_Formatter)
+    pr.add_argument("--model", required=True, help="model file to prune")
+    pr.add_argument("--out", required=True, help="run directory for the pruned model")
+    pr.add_argument("--method", choices=("l1", "bn-scale"), default="l1",
+                    help="l1: filter L1 norm (Li et al. 2017); bn-scale: |BN gamma| (network slimming)")
+    pr.add_argument("--ratio", type=float, default=0.5, help="fraction of each layer's channels to remove")
+    pr.add_argument("--round-to", type=int, default=8,
+                    help="keep channel counts at multiples of this (rounded down, never below it); 1 disables")
+    pr.add_argument("--global", dest="global_pruning", action="store_true",
+                    help="one threshold for the whole network instead of the same ratio in every layer")
+    pr.add_argument("--data", help="training data folder: report validation accuracy right after pruning")
+    pr.set_defaults(func=cmd_prune)
+
+    f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the same split", formatter_class=_Formatter)
+    f.add_argument("--model", required=True, help="model file to fine-tune")
+    f.add_argument("--data", required=True, help="dataset root (the model's split is reused when it matches)")
+    f.add_argument("--out", required=True, help="run directory")
+    f.add_argument("--loss", choices=("ce", "aml"), default="ce",
+                   help="ce: cross-entropy; aml: RemoteTrimmer's adaptive mining loss")
+    f.add_argument("--aml-r", type=float, default=0.4, help="weight r of the cross-entropy term in AML")
+    _add_training_options(f, epochs=10, lr=0.01)
+    f.set_defaults(func=cmd_finetune)
+
+    x = sub.add_parser("export", help="ONNX (+ INT8 Q/DQ) with parity check and metadata", formatter_class=_Formatter)
+    x.add_argument("--model", required=True, help="model file to export")
+    x.add_argument("--out", required=True, help="output folder (model.onnx, model_int8.onnx, calib/, record.json)")
+    x.add_argument("--opset", type=int, default=13, help="ONNX opset (TensorRT 8.2 on JetPack 4 parses up to 13)")
+    x.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension instead of batch 1")
+    x.add_argument("--simplifier", choices=("onnxslim", "onnxsim", "none"), default="onnxslim",
+                   help="graph simplifier (its result is checked; on failure the plain graph is kept)")
+    x.add_argument("--data", help="image folder for the parity check (default: the model's own split)")
+    x.add_argument("--int8", action="store_true", help="also write an INT8 Q/DQ ONNX (static quantization)")
+    x.add_argument("--calib-data", help="training data folder to draw calibration images from "
+                   "(its training split when it is the model's folder)")
+    x.add_argument("--calib-size", type=int, default=512, help="calibration images, stratified by class")
+    x.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="activation range calibration")
+    x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="benchmark ONNX models or TensorRT engines (same as rsedge-bench)",
+                       add_help=False)
+    b.set_defaults(func=None, passthrough="bench")
+    bl = sub.add_parser("build", help="build a TensorRT engine from ONNX (needs TensorRT and a GPU)", add_help=False)
+    bl.set_defaults(func=None, passthrough="build")
+
+    i = sub.add_parser("info", help="print a model file's metadata", formatter_class=_Formatter)
+    i.add_argument("model", help="model file")
+    i.add_argument("--layout", action="store_true", help="print the full pruned channel layout")
+    i.set_defaults(func=cmd_info)
+
+    dm = sub.add_parser("demo", help="the whole path on synthetic data, with a report table",
+                        formatter_class=_Formatter)
+    dm.add_argument("--out", default="demo_out", help="output folder")
+    dm.add_argument("--fast", action="store_true", help="fewer epochs and shorter benchmarks (a smoke test)")
+    dm.add_argument("--quiet", action="store_true", help="no progress bars")
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+
+def _passthrough(name: str, argv: list[str]) -> int:
+    if name == "bench":
+        from rsedge.runtime.cli import main as bench_main
+
+        return int(bench_main(argv, prog="rsedge bench") or 0)
+    from rsedge.runtime.trt_build import main_build
+
+    return int(main_build(argv, prog="rsedge build") or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    rest = [a for a in argv if a != "--debug"]
+    if rest and rest[0] in ("bench", "build"):
+        return _passthrough(rest[0], rest[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        if debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"rsedge {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

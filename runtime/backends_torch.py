@@ -1,0 +1,80 @@
+"""PyTorch backend (host only): the reference the exported models are compared against.
+
+It takes an already-built `torch.nn.Module` from host code (the host rebuilds architectures
+from its own pickle-free model files), so nothing here loads or deserializes models. torch is
+imported only when a runner is created, never by importing this module.
+"""
+
+import numpy as np
+
+from .backends import Prepared, Runner, TensorSpec, as_feed, check_batch, random_inputs
+from .errors import BackendUnavailable
+
+
+class TorchRunner(Runner):
+    backend = "pytorch"
+
+    def __init__(self, module, input_shape, device=None, metadata=None, input_name="input", output_name="logits"):
+        """input_shape: the per-sample shape, e.g. (3, 64, 64); device: "cpu", "cuda" or None for the module's."""
+        Runner.__init__(self)
+        self.module = module
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.device = device
+        self.metadata = dict(metadata or {})
+        self._inputs = [TensorSpec(input_name, (-1,) + self.input_shape, np.dtype(np.float32))]
+        self._outputs = [TensorSpec(output_name, (-1, -1), np.dtype(np.float32))]
+
+    def load(self):
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendUnavailable("the PyTorch backend needs torch (host only)") from e
+        self._torch = torch
+        if self.device is None:
+            try:
+                self.device = str(next(self.module.parameters()).device)
+            except StopIteration:
+                self.device = "cpu"
+        self.module = self.module.to(self.device).eval()
+        self._cuda = str(self.device).startswith("cuda")
+        self.info = {"backend": self.backend, "provider": str(self.device), "precision": "fp32",
+                     "torch": torch.__version__}
+        self.loaded = True
+        return self
+
+    def inputs(self):
+        return list(self._inputs)
+
+    def outputs(self):
+        return list(self._outputs)
+
+    def _forward(self, x):
+        torch = self._torch
+        with torch.no_grad():
+            y = self.module(x)
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        return y
+
+    def infer(self, feed):
+        feed = as_feed(self, feed)
+        torch = self._torch
+        x = torch.from_numpy(feed[self._inputs[0].name]).to(self.device)
+        return [self._forward(x).float().cpu().numpy()]
+
+    def prepare(self, batch, cuda_graph=False, spin_wait=False):
+        check_batch(self, batch)
+        torch = self._torch
+        x = torch.from_numpy(random_inputs(self._inputs, batch)[self._inputs[0].name]).to(self.device)
+        forward = self._forward
+        sync = torch.cuda.synchronize if self._cuda else None
+
+        def run():
+            forward(x)
+            if sync is not None:
+                sync()
+
+        return Prepared(run, batch)
+
+    def close(self):
+        self.loaded = False

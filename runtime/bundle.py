@@ -1,0 +1,173 @@
+"""A deployment bundle on the device: verify it, build the engines it lacks, list what to benchmark.
+
+Layout (written by the host's bundle writer): manifest.json, the ONNX variants (fp32 and a Q/DQ
+int8), preprocess.json, labels.json, calib/calib_*.npy, eval/images.npy + eval/labels.npy.
+Engines built here go to engines/<variant>-<precision>-b<max>.engine with a JSON sidecar;
+engines/ is not covered by the manifest.
+
+Which engines: the fp32 variant at FP32 and FP16, and at INT8 by calibration where the GPU has
+fast INT8 and TensorRT still has calibrators; the Q/DQ variant at INT8 where the GPU has fast
+INT8. On a TX2 or Nano (no fast INT8) the INT8 builds are skipped with that reason: their FP16
+fallback would be the fp32 variant's FP16 engine again.
+"""
+
+import json
+import os
+
+from . import sidecar as sidecar_mod
+from .errors import RuntimeToolError
+from .manifest import verify_manifest
+from .preprocess import normalize_metadata
+
+ENGINE_DIR = "engines"
+
+
+def is_bundle(path):
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json"))
+
+
+def engine_name(variant, precision, max_batch):
+    return f"{variant}-{precision}-b{max_batch}.engine"
+
+
+class Bundle:
+    def __init__(self, directory, manifest):
+        self.directory = directory
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, directory, log=None):
+        """Verify the manifest (every file's size and SHA-256) and return the bundle."""
+        log = log or (lambda msg: None)
+        manifest = verify_manifest(directory)
+        ver = manifest["verification"]
+        log("bundle {}: {} files verified (SHA-256){}".format(
+            directory, ver["files"], "; not in the manifest: " + ", ".join(ver["unlisted"]) if ver["unlisted"] else ""))
+        return cls(directory, manifest)
+
+    def path(self, rel):
+        return os.path.join(self.directory, *rel.split("/"))
+
+    @property
+    def variants(self):
+        return list(self.manifest.get("variants") or [])
+
+    def sha256(self, rel):
+        return self.manifest["files"][rel]["sha256"]
+
+    def calib_dir(self):
+        rel = (self.manifest.get("calibration") or {}).get("dir")
+        return self.path(rel) if rel and os.path.isdir(self.path(rel)) else None
+
+    def class_names(self):
+        rel = self.manifest.get("labels")
+        if not rel:
+            return self.preprocess().get("classes")
+        with open(self.path(rel), "r") as f:
+            labels = json.load(f)
+        if isinstance(labels, dict):
+            labels = labels.get("classes", labels.get("labels"))
+        return list(labels) if labels is not None else None
+
+    def preprocess(self):
+        rel = self.manifest.get("preprocess")
+        if not rel:
+            return {}
+        with open(self.path(rel), "r") as f:
+            return normalize_metadata(json.load(f))
+
+    def engine_path(self, name):
+        return os.path.join(self.directory, ENGINE_DIR, name)
+
+
+def plan_engines(bundle, caps, batch, precisions=None):
+    """[{variant, onnx, precision, int8_from, engine, skip}] for this device's capabilities.
+
+    caps: {"fast_fp16", "fast_int8", "calibrators", "tensorrt_version"}; precisions limits the
+    engine precisions (None: every one the device supports).
+    """
+    items = []
+    for v in bundle.variants:
+        if v.get("precision") == "int8":
+            candidates = [("int8", "qdq")]
+        else:
+            candidates = [("fp32", None), ("fp16", None), ("int8", "calib")]
+        for precision, source in candidates:
+            if precisions and precision not in precisions:
+                continue
+            skip = None
+            if precision == "fp16" and not caps["fast_fp16"]:
+                skip = "this GPU has no fast FP16"
+            elif precision == "int8" and not caps["fast_int8"]:
+                skip = "this GPU has no fast INT8 (Jetson TX2 and Nano do not): FP16 is the fastest it offers"
+            elif source == "calib" and not caps["calibrators"]:
+                skip = "TensorRT {} has no INT8 calibrators: the Q/DQ variant covers INT8".format(
+                    caps.get("tensorrt_version"))
+            elif source == "calib" and bundle.calib_dir() is None:
+                skip = "the bundle has no calibration set"
+            items.append({"variant": v["name"], "onnx": v["onnx"], "precision": precision, "int8_from": source,
+                          "engine": bundle.engine_path(engine_name(v["name"], precision, batch[2])), "skip": skip})
+    return items
+
+
+def reuse_reason(item, bundle, caps, batch):
+    """None if the existing engine can be reused, else why it must be (re)built."""
+    engine = item["engine"]
+    if not os.path.isfile(engine):
+        return "not built yet"
+    try:
+        doc = sidecar_mod.load_sidecar(engine)
+    except RuntimeToolError as e:
+        return str(e)
+    if doc is None:
+        return "no sidecar"
+    options = {"batch": list(batch)}
+    if not sidecar_mod.reusable(doc, engine, caps["tensorrt_version"], caps["device"], bundle.sha256(item["onnx"]),
+                                options):
+        return "built elsewhere, from another ONNX or with other options"
+    if doc.get("requested_precision") != item["precision"] or doc.get("int8_from") != item["int8_from"]:
+        return "built at another precision"
+    return None
+
+
+def ensure_engines(bundle, caps, batch, precisions=None, build=None, workspace_mb=None, dla_core=None, log=None):
+    """Build the engines this device lacks; returns the plan with "status" and "reason" per item."""
+    log = log or (lambda msg: None)
+    if build is None:
+        from .trt_build import build_engine as build
+    plan = plan_engines(bundle, caps, batch, precisions)
+    if (bundle.manifest.get("calibration") or {}).get("cache") and any(
+            p["int8_from"] == "calib" and not p["skip"] for p in plan):
+        log("note: the bundle's calibration cache is not used: caches are not reliably portable across TensorRT "
+            "versions, so this device calibrates and keeps its own in engines/")
+    for item in plan:
+        label = "{}/{}".format(item["variant"], item["precision"])
+        if item["skip"]:
+            item["status"], item["reason"] = "skipped", item["skip"]
+            log("{}: skipped: {}".format(label, item["skip"]))
+            continue
+        why = reuse_reason(item, bundle, caps, batch)
+        if why is None:
+            item["status"], item["reason"] = "reused", "built here before from the same ONNX"
+            log("{}: reusing {}".format(label, os.path.relpath(item["engine"], bundle.directory)))
+            continue
+        log("{}: building {} ({})".format(label, os.path.relpath(item["engine"], bundle.directory), why))
+        kwargs = {"precision": item["precision"], "batch": batch, "int8_from": item["int8_from"], "log": log,
+                  "metadata": _engine_metadata(bundle, item), "dla_core": dla_core}
+        if workspace_mb:
+            kwargs["workspace_mb"] = workspace_mb
+        if item["int8_from"] == "calib":
+            kwargs["calib_dir"] = bundle.calib_dir()
+        try:
+            build(bundle.path(item["onnx"]), item["engine"], **kwargs)
+            item["status"], item["reason"] = "built", why
+        except RuntimeToolError as e:
+            item["status"], item["reason"] = "failed", str(e)
+            log(f"{label}: build failed: {e}")
+    return plan
+
+
+def _engine_metadata(bundle, item):
+    from .preprocess import merge_metadata, onnx_metadata
+
+    return merge_metadata(onnx_metadata(bundle.path(item["onnx"])), bundle.preprocess())

@@ -1,0 +1,219 @@
+"""rsedge-bench: benchmark and evaluate models on this machine (console script; `rsedge bench` is the same).
+
+Needs only the runtime: numpy, plus TensorRT (+ pycuda or cuda-python) for engines and
+onnxruntime for ONNX files.
+"""
+
+import argparse
+import os
+import sys
+
+from . import __version__, benchmark, report
+from .bundle import Bundle, ensure_engines, is_bundle
+from .errors import BackendUnavailable, RuntimeToolError
+from .trt_compat import parse_batch
+
+EPILOG = """examples:
+  rsedge-bench model.onnx                               ONNX Runtime, batch 1
+  rsedge-bench fp32.onnx pruned-int8.engine --batch 1,8 one table, speed-up against the first
+  rsedge-bench model.engine --eval data/EuroSAT/val     latency + top-1 on a labeled folder (<class>/<image>)
+  rsedge-bench bundle/ --eval --json r.json --md r.md   verify, build missing engines, benchmark + evaluate all
+
+Timing follows trtexec: warm-up for --warmup seconds, then at least --iterations runs and at least
+--duration seconds; latency percentiles are nearest-rank, CV = std/mean in percent, throughput =
+runs/s x batch. On a Jetson, tegrastats is sampled during each timed run for power and GPU load.
+"""
+
+_BUNDLE_EVAL = "<bundle eval set>"
+
+
+def _int_list(text):
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser(prog="rsedge-bench"):
+    p = argparse.ArgumentParser(prog=prog, description="Benchmark (latency, throughput, memory, power) and evaluate "
+                                "ONNX models, TensorRT engines and rsedge bundles on this device.",
+                                epilog=EPILOG, formatter_class=_Formatter)
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help=".onnx file, TensorRT engine (.engine/.plan) or bundle directory; several give one "
+                        "comparison table with the speed-up against the first")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+                   help="auto: TensorRT for .engine/.plan, ONNX Runtime for .onnx (the choice and the reason are "
+                        "printed)")
+    p.add_argument("--providers", default=None,
+                   help="ONNX Runtime execution providers in priority order, e.g. cuda,cpu or "
+                        "TensorrtExecutionProvider; default: the best available (TensorRT > CUDA > CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads; default: the library's (one per physical core)")
+    p.add_argument("--batch", type=_int_list, default=[1], help="batch sizes to time, comma-separated, e.g. 1,8")
+    p.add_argument("--warmup", type=float, default=benchmark.DEFAULT_WARMUP_S, metavar="S",
+                   help="warm-up seconds before timing (at least one run)")
+    p.add_argument("--iterations", type=int, default=benchmark.DEFAULT_ITERATIONS, metavar="N",
+                   help="time at least N runs ...")
+    p.add_argument("--duration", type=float, default=benchmark.DEFAULT_DURATION_S, metavar="S",
+                   help="... and at least S seconds")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="TensorRT: capture the inference in a CUDA graph and replay it (trtexec --useCudaGraph)")
+    p.add_argument("--spin-wait", action="store_true",
+                   help="TensorRT: poll for completion instead of blocking (trtexec --useSpinWait)")
+    p.add_argument("--no-power", action="store_true", help="do not sample tegrastats/jtop")
+    p.add_argument("--power-interval", type=int, default=benchmark.DEFAULT_POWER_INTERVAL_MS, metavar="MS",
+                   help="tegrastats sampling interval")
+    p.add_argument("--eval", nargs="?", const=_BUNDLE_EVAL, default=None, metavar="DIR",
+                   help="also measure top-1 accuracy: on DIR/<class>/<image> for a model file, or with no DIR on "
+                        "a bundle's own evaluation set")
+    p.add_argument("--eval-batch", type=int, default=32, help="batch size for evaluation (capped by the model's)")
+    p.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate only the first N images")
+    g = p.add_argument_group("bundles")
+    g.add_argument("--build-batch", default=None, metavar="N|MIN,OPT,MAX",
+                   help="optimization profile of engines built from a bundle; default: 1..max(--batch), tuned for "
+                        "the largest")
+    g.add_argument("--precisions", default=None,
+                   help="engine precisions to build and run from a bundle, e.g. fp16,int8; default: every one this "
+                        "GPU runs fast")
+    g.add_argument("--no-build", action="store_true", help="use engines already built; build none")
+    g.add_argument("--workspace-mb", type=int, default=None, help="builder workspace limit (default 1024)")
+    g.add_argument("--dla", type=int, default=None, metavar="CORE", help="build engines for this DLA core")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", default=None, metavar="PATH", help="write the full results (schema rsedge-bench/1)")
+    o.add_argument("--csv", default=None, metavar="PATH", help="write the comparison table as CSV")
+    o.add_argument("--md", default=None, metavar="PATH", help="write a Markdown report")
+    o.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return p
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _log_to_stderr(msg):
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def _bench_kwargs(args):
+    return {"batch_sizes": args.batch, "warmup_s": args.warmup, "iterations": args.iterations,
+            "duration_s": args.duration, "threads": args.threads, "cuda_graph": args.cuda_graph,
+            "spin_wait": args.spin_wait, "power": not args.no_power, "power_interval_ms": args.power_interval}
+
+
+def _providers(args):
+    return [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+
+
+def run_model(path, args, log, label=None, evaluate=None, backend=None):
+    from .evaluate import evaluate_folder_with
+
+    if evaluate is None and args.eval:
+        if args.eval == _BUNDLE_EVAL:
+            raise RuntimeToolError("--eval without a folder needs a bundle (it uses the bundle's evaluation set); "
+                                   f"for {path} give --eval DIR")
+        folder = args.eval
+
+        def evaluate(runner):
+            return evaluate_folder_with(runner, folder, batch=args.eval_batch, limit=args.eval_limit, log=log)
+    doc = benchmark.run_benchmark(path, backend=backend or args.backend, providers=_providers(args), log=log,
+                                  evaluate=evaluate, **_bench_kwargs(args))
+    if label:
+        doc["label"] = label
+    if doc.get("accuracy") and doc["accuracy"].get("top1") is not None:
+        log("  top-1 {:.2f} % on {} images".format(100.0 * doc["accuracy"]["top1"], doc["accuracy"]["n"]))
+    return doc
+
+
+def run_bundle(directory, args, log):
+    """Verify, build what is missing (TensorRT) or fall back to ONNX Runtime, then benchmark every variant."""
+    from .evaluate import evaluate_arrays, load_eval_arrays
+
+    bundle = Bundle.open(directory, log=log)
+    name = os.path.basename(os.path.normpath(directory))
+    evaluate = None
+    if args.eval == _BUNDLE_EVAL:
+        images, labels = load_eval_arrays(directory, bundle.manifest, args.eval_limit)
+        classes = bundle.class_names()
+
+        def evaluate(runner):
+            return evaluate_arrays(runner, images, labels, batch=args.eval_batch, class_names=classes, log=log)
+    models = []
+    try:
+        from .trt_build import probe_device
+
+        caps = probe_device()
+    except BackendUnavailable as e:
+        log(f"TensorRT is not usable here ({e}); benchmarking the bundle's ONNX variants with ONNX Runtime "
+            "instead")
+        caps = None
+    if caps is not None:
+        build_batch = parse_batch(args.build_batch or str(max(args.batch)))
+        precisions = [p.strip() for p in args.precisions.split(",")] if args.precisions else None
+        log("{} (sm {}), TensorRT {}: fast FP16 {}, fast INT8 {}".format(
+            caps["device"]["name"], caps["device"]["compute_capability"], caps["tensorrt_version"],
+            "yes" if caps["fast_fp16"] else "no", "yes" if caps["fast_int8"] else "no"))
+        if args.no_build:
+            from .bundle import plan_engines
+
+            plan = [dict(item, status="existing" if os.path.isfile(item["engine"]) else "missing")
+                    for item in plan_engines(bundle, caps, build_batch, precisions) if not item["skip"]]
+        else:
+            plan = ensure_engines(bundle, caps, build_batch, precisions, workspace_mb=args.workspace_mb,
+                                  dla_core=args.dla, log=log)
+        for item in plan:
+            if item["status"] in ("built", "reused", "existing"):
+                models.append((item["engine"], "{}:{}/{}".format(name, item["variant"], item["precision"])))
+        if not models:
+            raise RuntimeToolError(f"no engine could be built or found in {directory}")
+    else:
+        for v in bundle.variants:
+            models.append((bundle.path(v["onnx"]), "{}:{} (onnx)".format(name, v["name"])))
+    runs = []
+    for path, label in models:
+        log(f"== {label}")
+        runs.append(run_model(path, args, log, label=label, evaluate=evaluate, backend="auto"))
+    return runs
+
+
+def main(argv=None, prog="rsedge-bench"):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    log = (lambda msg: None) if args.quiet else _log_to_stderr
+    try:
+        runs = []
+        for model in args.models:
+            if is_bundle(model):
+                runs.extend(run_bundle(model, args, log))
+            elif os.path.isdir(model):
+                raise RuntimeToolError(f"{model} is a directory without manifest.json: not an rsedge bundle")
+            else:
+                log(f"== {model}")
+                runs.append(run_model(model, args, log))
+        doc = report.build_document(runs, command=[prog] + argv)
+        print(report.format_table(doc["comparison"]))
+        if not args.quiet:
+            for line in report.describe_conditions(doc["conditions"]):
+                log("  " + line)
+            for warning in (doc["conditions"] or {}).get("warnings", []):
+                log("warning: " + warning)
+            power = runs[0].get("power") or {}
+            if not power.get("available"):
+                log("power: {}".format(power.get("reason")))
+        for path in report.write_outputs(doc, args.json, args.csv, args.md):
+            log(f"wrote {path}")
+    except RuntimeToolError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from rsedge.compress.counting import count_macs
+from rsedge.export.onnx_export import run_onnx
+from rsedge.export.onnx_graph import graph_stats
+from rsedge.export.run import export_run, stratified_sample
+from rsedge.trainer.modelfile import load_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, trained, synth_data):
+    out = tmp_path_factory.mktemp("export")
+    record = export_run(trained, out, int8=True, calib_data=synth_data, calib_size=48, log=lambda m: None)
+    return out, record
+
+
+def test_fp32_parity_on_real_images(exported):
+    _, record = exported
+    p = record["onnx"]["parity"]
+    assert p["images"] > 0 and p["max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0
+    assert "real images" in record["onnx"]["parity_images"]
+    assert record["onnx"]["simplify"]["applied"] is True
+
+
+def test_metadata_lets_the_device_preprocess_and_label(exported, trained):
+    out, _ = exported
+    _, meta = load_model(trained)
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(props["rsedge.classes"]) == meta["classes"]
+    assert json.loads(props["rsedge.input_size"]) == [32, 32]
+    assert json.loads(props["rsedge.mean"]) == pytest.approx(meta["normalization"]["mean"])
+    assert props["rsedge.precision"] == "fp32" and props["rsedge.task"] == "classification"
+    q = {p.key: p.value for p in onnx.load(str(out / "model_int8.onnx")).metadata_props}
+    assert q["rsedge.precision"] == "int8-qdq" and q["rsedge.classes"] == props["rsedge.classes"]
+
+
+def test_opset_13_and_static_batch_by_default(exported):
+    out, _ = exported
+    m = onnx.load(str(out / "model.onnx"))
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 13
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_int8_is_qdq_small_and_agrees(exported):
+    out, record = exported
+    q = onnx.load(str(out / "model_int8.onnx"))
+    ops = {n.op_type for n in q.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [i for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert int8_weights, "conv weights must be stored as int8"
+    zero_points = [i for i in q.graph.initializer if "zero_point" in i.name]
+    assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)  # symmetric
+    assert record["int8"]["size_vs_fp32"] < 0.35
+    assert record["int8"]["agreement_with_fp32"]["top1_agreement"] >= 0.9
+    calib = sorted((out / "calib").glob("calib_*.npy"))
+    arrays = [np.load(f) for f in calib]
+    assert sum(len(a) for a in arrays) == 48 and arrays[0].dtype == np.float32 and arrays[0].shape[1:] == (3, 32, 32)
+
+
+def test_graph_counts_match_pytorch(exported, trained):
+    out, record = exported
+    model, meta = load_model(trained)
+    stats = graph_stats(out / "model.onnx")
+    assert stats["macs"] == count_macs(model, meta["input_size"])
+    conv_linear = sum(p.numel() for n, p in model.named_parameters() if "bn" not in n and "downsample.1" not in n)
+    bn_folded_biases = sum(m.num_features for m in model.modules() if m.__class__.__name__ == "BatchNorm2d")
+    assert stats["params"] == conv_linear + bn_folded_biases  # BN folded into conv weight + a new bias
+    assert graph_stats(out / "model_int8.onnx")["params"] == stats["params"]
+
+
+def test_dynamic_batch_export(tmp_path, trained):
+    rec = export_run(trained, tmp_path, dynamic_batch=True, simplifier="none", log=lambda m: None)
+    m = onnx.load(str(tmp_path / "model.onnx"))
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    assert run_onnx(tmp_path / "model.onnx", x, batch=5).shape == (5, 6)
+    assert rec["onnx"]["simplify"]["applied"] is False
+
+
+def test_stratified_sample_keeps_every_class():
+    items = [(f"a{i}", 0) for i in range(90)] + [(f"b{i}", 1) for i in range(10)]
+    picked = stratified_sample(items, 20, seed=0)
+    labels = [lab for _, lab in picked]
+    assert len(picked) == 20 and labels.count(1) == 2 and labels.count(0) == 18
+    assert stratified_sample(items, 20, seed=0) == picked

@@ -1,0 +1,197 @@
+"""Pickle-free model files: safetensors weights with the JSON metadata in the same file.
+
+The metadata (architecture and its arguments, the pruned channel layout, classes, input size,
+normalization, metrics, history of stages) lives in the safetensors header under the key
+`rsedge`, so one file is written atomically and any safetensors reader can open it. Loading
+rebuilds the architecture from the registry, reshapes the layers the layout names, and loads the
+tensors: no code from the file is ever executed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import create_model
+from .records import atomic_write_bytes
+
+FORMAT = "rsedge-model/1"
+META_KEY = "rsedge"
+
+_CONV_ATTRS = ("in_channels", "out_channels", "groups")
+
+
+def _module_config(m: nn.Module) -> dict[str, Any] | None:
+    if isinstance(m, nn.Conv2d):
+        return {"type": "Conv2d", **{a: getattr(m, a) for a in _CONV_ATTRS}}
+    if isinstance(m, nn.BatchNorm2d):
+        return {"type": "BatchNorm2d", "num_features": m.num_features}
+    if isinstance(m, nn.Linear):
+        return {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features}
+    if isinstance(m, nn.LayerNorm):
+        return {"type": "LayerNorm", "normalized_shape": list(m.normalized_shape)}
+    return None
+
+
+def channel_layout(model: nn.Module, reference: nn.Module) -> dict[str, Any]:
+    """What differs from the unpruned architecture: layer configs, and the shapes of any other
+    parameter or buffer (e.g. ConvNeXt's layer scale) that pruning resized."""
+    ref_modules = dict(reference.named_modules())
+    layers = {}
+    for name, m in model.named_modules():
+        cfg = _module_config(m)
+        if cfg is None:
+            continue
+        ref = ref_modules.get(name)
+        if ref is None or _module_config(ref) != cfg:
+            layers[name] = cfg
+    ref_state = reference.state_dict()
+    tensors = {
+        k: list(v.shape)
+        for k, v in model.state_dict().items()
+        if k in ref_state and tuple(ref_state[k].shape) != tuple(v.shape)
+    }
+    return {"layers": layers, "tensors": tensors}
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parts = name.split(".")
+    parent = model
+    for p in parts[:-1]:
+        parent = getattr(parent, p)
+    return parent, parts[-1]
+
+
+def _reshaped(old: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+    kind = cfg["type"]
+    if kind == "Conv2d":
+        assert isinstance(old, nn.Conv2d)
+        return nn.Conv2d(
+            int(cfg["in_channels"]), int(cfg["out_channels"]), old.kernel_size, old.stride, old.padding,
+            old.dilation, int(cfg["groups"]), old.bias is not None, old.padding_mode,
+        )
+    if kind == "BatchNorm2d":
+        assert isinstance(old, nn.BatchNorm2d)
+        return nn.BatchNorm2d(int(cfg["num_features"]), old.eps, old.momentum, old.affine, old.track_running_stats)
+    if kind == "Linear":
+        assert isinstance(old, nn.Linear)
+        return nn.Linear(int(cfg["in_features"]), int(cfg["out_features"]), old.bias is not None)
+    if kind == "LayerNorm":
+        assert isinstance(old, nn.LayerNorm)
+        new = type(old)(tuple(int(x) for x in cfg["normalized_shape"]), eps=old.eps,
+                        elementwise_affine=old.elementwise_affine)
+        return new
+    raise ValueError(f"unknown layer type in layout: {kind}")
+
+
+def apply_layout(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
+    modules = dict(model.named_modules())
+    for name, cfg in layout.get("layers", {}).items():
+        if name not in modules:
+            raise ValueError(f"layout names a layer the architecture does not have: {name}")
+        old = modules[name]
+        if _module_config(old) is None or _module_config(old)["type"] != cfg["type"]:
+            raise ValueError(f"layout says {name} is a {cfg['type']}, architecture has {type(old).__name__}")
+        parent, attr = _get_parent(model, name)
+        setattr(parent, attr, _reshaped(old, cfg))
+    for key, shape in layout.get("tensors", {}).items():
+        owner_name, _, tname = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        cur = getattr(owner, tname)
+        if tuple(cur.shape) == tuple(shape):
+            continue
+        new = torch.empty(tuple(int(s) for s in shape), dtype=cur.dtype)
+        if isinstance(cur, nn.Parameter):
+            setattr(owner, tname, nn.Parameter(new, requires_grad=cur.requires_grad))
+        else:
+            owner.register_buffer(tname, new)
+    return model
+
+
+EXTRA_PREFIX = "__"
+
+
+def _fresh(arch: str, num_classes: int) -> nn.Module:
+    """A new instance whose random initialization leaves the global RNG untouched: saving a
+    checkpoint or loading a model must not change what training does next."""
+    with torch.random.fork_rng(devices=[]):
+        return create_model(arch, num_classes)
+
+
+def save_model(
+    path: str | os.PathLike,
+    model: nn.Module,
+    meta: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """`meta` needs `arch`, `classes`, `input_size`, `normalization`; the layout is computed here
+    against a fresh instance of the architecture. `extra_tensors` (a training checkpoint's
+    optimizer state, RNG state) are stored under names starting with `__` and ignored by
+    `load_model`."""
+    from safetensors.torch import save
+
+    for key in ("arch", "classes", "input_size", "normalization"):
+        if key not in meta:
+            raise ValueError(f"model metadata needs {key!r}")
+    reference = _fresh(meta["arch"], len(meta["classes"]))
+    full = {"format": FORMAT, **meta, "layout": channel_layout(model, reference)}
+    full["params"] = int(sum(p.numel() for p in model.parameters()))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for k, v in (extra_tensors or {}).items():
+        state[EXTRA_PREFIX + k] = v.detach().cpu().contiguous()
+    data = save(state, metadata={META_KEY: json.dumps(full)})
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata alone, without reading the weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(META_KEY)
+    if raw is None:
+        raise ValueError(f"{path} is a safetensors file but not an rsedge model (no '{META_KEY}' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported model format {meta.get('format')!r}")
+    return meta
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    meta = read_metadata(path)
+    model = _fresh(meta["arch"], len(meta["classes"]))
+    apply_layout(model, meta.get("layout", {}))
+    state = load_file(str(path), device="cpu")
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}, strict=True)
+    return model.to(device).eval(), meta
+
+
+def load_extra_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith(EXTRA_PREFIX):
+                out[k[len(EXTRA_PREFIX):]] = f.get_tensor(k)
+    return out
+
+
+def derive_meta(parent: dict[str, Any], stage: str, **updates: Any) -> dict[str, Any]:
+    """Metadata for a model made from another: same data contract, one more history entry."""
+    keep = ("arch", "classes", "input_size", "normalization", "split", "data_root")
+    meta = {k: parent[k] for k in keep if k in parent}
+    meta["history"] = list(parent.get("history", [])) + [{"stage": stage, **updates.pop("history_entry", {})}]
+    meta.update(updates)
+    return meta

@@ -1,0 +1,80 @@
+"""Run directories and their machine-readable records.
+
+Every stage writes `record.json` in its output folder; later stages read it. Writes are atomic
+(temporary file + rename) so an interrupted run never leaves a half-written record behind.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that can change a result, so a record can be reproduced."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for mod in ("rsedge", "torch", "torchvision", "torch_pruning", "onnx", "onnxruntime", "onnxslim", "numpy"):
+        try:
+            if mod == "rsedge":
+                from importlib.metadata import version
+
+                out[mod] = version("rsedge")
+                continue
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "?"))
+        except Exception:  # noqa: BLE001 - a missing optional package is simply not recorded
+            continue
+    return out
+
+
+def write_record(run_dir: str | os.PathLike, stage: str, record: dict[str, Any]) -> Path:
+    """Write `record.json` for one stage with the common header every record carries."""
+    run_dir = Path(run_dir)
+    full = {"stage": stage, "date": now_iso(), "versions": versions(), **record}
+    path = run_dir / "record.json"
+    atomic_write_json(path, full)
+    return path
