@@ -75,6 +75,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import onnxruntime as ort
+
     from rsedge.runtime import benchmark, conditions
     from rsedge.runtime.backends import random_inputs
     from rsedge.runtime.backends_ort import OrtRunner

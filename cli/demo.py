@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from rsedge.trainer.records import atomic_write_bytes, atomic_write_json, now_iso, versions
 
 DEMO_MODEL = "resnet18"
@@ -43,6 +44,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, progress: bool = True) -> dict[str, Any]:
     import torch
+
     from rsedge.compress.finetune import finetune_run
     from rsedge.compress.prune import prune_run
     from rsedge.export.run import export_run, preprocess_items

@@ -10,6 +10,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .compress_cmds import add_compress_parsers
+from .options import Formatter as _Formatter
+from .options import add_training_options as _add_training_options
+from .options import train_config as _train_config
+
 EPILOG = """\
 typical flow:
   rsedge data synth --out data/synth
@@ -20,46 +25,6 @@ typical flow:
   rsedge bench    runs/onnx/model.onnx runs/onnx/model_int8.onnx
 or all of it at once: rsedge demo
 """
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-def _add_training_options(p: argparse.ArgumentParser, epochs: int, lr: float | None) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs, help="number of epochs")
-    g.add_argument("--batch-size", type=int, default=64, help="images per step")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="optimizer")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help="weight decay on conv/linear weights (default: 5e-4 sgd, 0.05 adamw); never on BN/biases")
-    g.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
-                   help="learning-rate schedule; step multiplies by --step-gamma at --step-milestones")
-    g.add_argument("--step-milestones", type=float, nargs="+", default=[0.5, 0.75],
-                   help="fractions of the epochs where the step schedule decays")
-    g.add_argument("--step-gamma", type=float, default=0.1, help="decay factor of the step schedule")
-    g.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up epochs")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
-    g.add_argument("--seed", type=int, default=0, help="seed for the split, initialization and data order")
-    g.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
-                   help="data-loading worker processes")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--no-amp", action="store_true", help="disable mixed precision (it is only used on CUDA)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the run directory's checkpoint (written after every epoch)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _train_config(args):
-    from rsedge.trainer.train import TrainConfig
-
-    return TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-        step_milestones=tuple(args.step_milestones), step_gamma=args.step_gamma, seed=args.seed,
-        workers=args.workers, amp=not args.no_amp, device=args.device, label_smoothing=args.label_smoothing,
-    )
 
 
 def cmd_data_synth(args) -> int:
@@ -107,24 +72,6 @@ def cmd_eval(args) -> int:
 
     eval_run(args.model, args.data, args.out, part=args.split, batch_size=args.batch_size, device=args.device,
              progress=not args.quiet)
-    return 0
-
-
-def cmd_prune(args) -> int:
-    from rsedge.compress.prune import prune_run
-
-    prune_run(args.model, args.out, method=args.method, ratio=args.ratio, round_to=args.round_to,
-              global_pruning=args.global_pruning, data=args.data)
-    print(f"pruned model written to {os.path.join(args.out, 'model.safetensors')}")
-    return 0
-
-
-def cmd_finetune(args) -> int:
-    from rsedge.compress.finetune import finetune_run
-
-    finetune_run(args.model, args.data, args.out, cfg=_train_config(args), loss=args.loss, aml_r=args.aml_r,
-                 resume=args.resume, progress=not args.quiet)
-    print(f"fine-tuned model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
 
@@ -211,28 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("prune", help="structured channel pruning, physically slimmed", formatter_class=_Formatter)
-    pr.add_argument("--model", required=True, help="model file to prune")
-    pr.add_argument("--out", required=True, help="run directory for the pruned model")
-    pr.add_argument("--method", choices=("l1", "bn-scale"), default="l1",
-                    help="l1: filter L1 norm (Li et al. 2017); bn-scale: |BN gamma| (network slimming)")
-    pr.add_argument("--ratio", type=float, default=0.5, help="fraction of each layer's channels to remove")
-    pr.add_argument("--round-to", type=int, default=8,
-                    help="keep channel counts at multiples of this (rounded down, never below it); 1 disables")
-    pr.add_argument("--global", dest="global_pruning", action="store_true",
-                    help="one threshold for the whole network instead of the same ratio in every layer")
-    pr.add_argument("--data", help="training data folder: report validation accuracy right after pruning")
-    pr.set_defaults(func=cmd_prune)
-
-    f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the same split", formatter_class=_Formatter)
-    f.add_argument("--model", required=True, help="model file to fine-tune")
-    f.add_argument("--data", required=True, help="dataset root (the model's split is reused when it matches)")
-    f.add_argument("--out", required=True, help="run directory")
-    f.add_argument("--loss", choices=("ce", "aml"), default="ce",
-                   help="ce: cross-entropy; aml: RemoteTrimmer's adaptive mining loss")
-    f.add_argument("--aml-r", type=float, default=0.4, help="weight r of the cross-entropy term in AML")
-    _add_training_options(f, epochs=10, lr=0.01)
-    f.set_defaults(func=cmd_finetune)
+    add_compress_parsers(sub, _Formatter, _add_training_options)
 
     x = sub.add_parser("export", help="ONNX (+ INT8 Q/DQ) with parity check and metadata", formatter_class=_Formatter)
     x.add_argument("--model", required=True, help="model file to export")

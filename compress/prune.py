@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
+
 from rsedge.trainer.modelfile import derive_meta, load_model, save_model
 from rsedge.trainer.records import write_record
-from torch import nn
 
 from .counting import count_macs, count_params
 from .importance import get_criterion

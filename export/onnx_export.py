@@ -13,8 +13,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from rsedge.trainer.records import atomic_write_bytes
 from torch import nn
+
+from rsedge.trainer.records import atomic_write_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

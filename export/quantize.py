@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
 from rsedge.trainer.records import atomic_write_bytes
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
 from rsedge.compress.counting import count_macs, count_params
 from rsedge.trainer.datasets import ImageListDataset, check_classes, find_corrupt, load_split, scan_image_folder
 from rsedge.trainer.modelfile import load_model

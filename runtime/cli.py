@@ -17,7 +17,7 @@ EPILOG = """examples:
   rsedge-bench model.onnx                               ONNX Runtime, batch 1
   rsedge-bench fp32.onnx pruned-int8.engine --batch 1,8 one table, speed-up against the first
   rsedge-bench model.engine --eval data/EuroSAT/val     latency + top-1 on a labeled folder (<class>/<image>)
-  rsedge-bench bundle/ --eval --json r.json --md r.md   verify, build missing engines, benchmark + evaluate all
+  rsedge-bench bundle/ --json r.json --md r.md         verify, build missing engines, benchmark + evaluate all
 
 Timing follows trtexec: warm-up for --warmup seconds, then at least --iterations runs and at least
 --duration seconds; latency percentiles are nearest-rank, CV = std/mean in percent, throughput =
@@ -40,7 +40,7 @@ def _int_list(text):
 def build_parser(prog="rsedge-bench"):
     p = argparse.ArgumentParser(prog=prog, description="Benchmark (latency, throughput, memory, power) and evaluate "
                                 "ONNX models, TensorRT engines and rsedge bundles on this device.",
-                                epilog=EPILOG, formatter_class=_Formatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help=".onnx file, TensorRT engine (.engine/.plan) or bundle directory; several give one "
                         "comparison table with the speed-up against the first")
@@ -67,8 +67,9 @@ def build_parser(prog="rsedge-bench"):
     p.add_argument("--power-interval", type=int, default=benchmark.DEFAULT_POWER_INTERVAL_MS, metavar="MS",
                    help="tegrastats sampling interval")
     p.add_argument("--eval", nargs="?", const=_BUNDLE_EVAL, default=None, metavar="DIR",
-                   help="also measure top-1 accuracy: on DIR/<class>/<image> for a model file, or with no DIR on "
-                        "a bundle's own evaluation set")
+                   help="also measure top-1 accuracy on DIR/<class>/<image>; bundles are evaluated on their own "
+                        "evaluation set without it")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate bundles")
     p.add_argument("--eval-batch", type=int, default=32, help="batch size for evaluation (capped by the model's)")
     p.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate only the first N images")
     g = p.add_argument_group("bundles")
@@ -90,8 +91,18 @@ def build_parser(prog="rsedge-bench"):
     return p
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends '(default: X)' to options that have a meaningful default, and only to those."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = ",".join(str(v) for v in default)
+        return f"{text} (default: {default})"
 
 
 def _log_to_stderr(msg):
@@ -136,7 +147,9 @@ def run_bundle(directory, args, log):
     bundle = Bundle.open(directory, log=log)
     name = os.path.basename(os.path.normpath(directory))
     evaluate = None
-    if args.eval == _BUNDLE_EVAL:
+    own_eval = args.eval == _BUNDLE_EVAL or (args.eval is None and not args.no_eval and
+                                             (bundle.manifest.get("eval") or {}).get("images"))
+    if own_eval:
         images, labels = load_eval_arrays(directory, bundle.manifest, args.eval_limit)
         classes = bundle.class_names()
 

@@ -22,7 +22,7 @@ import numpy as np
 from .errors import RuntimeToolError
 
 PREFIX = "rsedge."
-KEYS = ("task", "classes", "input_size", "mean", "std", "layout", "color", "resize", "version", "precision")
+KEYS = ("task", "classes", "input_size", "mean", "std", "layout", "color", "resize", "version", "precision", "arch")
 PREPROCESS_JSON = "preprocess.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".npy")
 

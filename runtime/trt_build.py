@@ -341,8 +341,10 @@ def default_engine_path(onnx_path, precision, batch):
 
 
 def build_parser(prog="rsedge build"):
+    from .cli import HelpFormatter
+
     p = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, formatter_class=HelpFormatter,
         description="Build a TensorRT engine from an ONNX model on this device, with a JSON sidecar next to it "
                     "(TensorRT 8.2 to 10.x).")
     p.add_argument("onnx", help="the ONNX model (from `rsedge export` or a bundle)")

@@ -1,5 +1,4 @@
 """Shared fixtures: small data the tests make themselves, and a model trained on it once."""
-from __future__ import annotations
 
 import os
 from pathlib import Path

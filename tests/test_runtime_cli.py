@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+
 from rsedge.runtime import cli
 from rsedge.runtime.bundle import Bundle, engine_name, ensure_engines, plan_engines
 

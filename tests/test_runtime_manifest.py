@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+
 from rsedge.runtime.errors import ManifestError
 from rsedge.runtime.manifest import FORMAT, sha256_file, verify_manifest, write_manifest
 

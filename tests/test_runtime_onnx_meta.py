@@ -2,6 +2,7 @@ import importlib.util
 import os
 
 import pytest
+
 from rsedge.runtime import onnx_meta
 from rsedge.runtime.errors import RuntimeToolError
 from rsedge.runtime.preprocess import onnx_metadata

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+
 from rsedge.runtime import backends, benchmark, evaluate, report
 from rsedge.runtime.backends_ort import choose_providers
 from rsedge.runtime.errors import RuntimeToolError

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+
 from rsedge.runtime import preprocess
 from rsedge.runtime.errors import RuntimeToolError
 from rsedge.runtime.preprocess import PreprocessSpec

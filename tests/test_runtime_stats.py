@@ -1,6 +1,7 @@
 import math
 
 import pytest
+
 from rsedge.runtime import benchmark, stats
 
 

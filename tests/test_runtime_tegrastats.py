@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+
 from rsedge.runtime import power, tegrastats
 
 # JetPack 4 (L4T r32), Jetson TX2: rails cur/avg in mW without a unit.

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+
 from rsedge.runtime import benchmark, evaluate, sidecar, trt_build
 from rsedge.runtime.backends_trt import TrtRunner
 from rsedge.runtime.errors import RebuildOnDevice, RuntimeToolError

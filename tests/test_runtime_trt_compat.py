@@ -1,6 +1,7 @@
 """The TensorRT version adapter's pure logic: version dispatch, batch profiles, precision plans, cache names."""
 
 import pytest
+
 from rsedge.runtime import trt_compat
 from rsedge.runtime.errors import RuntimeToolError
 
