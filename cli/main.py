@@ -80,7 +80,18 @@ def cmd_export(args) -> int:
 
     export_run(args.model, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, simplifier=args.simplifier,
                int8=args.int8, calib_data=args.calib_data, calib_size=args.calib_size,
-               calib_method=args.calib_method, data=args.data)
+               calib_method=args.calib_method, data=args.data, max_drop=args.max_drop,
+               guard_images=args.guard_images)
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from rsedge.export.bundle import bundle_run
+
+    bundle_run(args.model, args.out, data=args.data, calib_size=args.calib_size, calib_method=args.calib_method,
+               eval_size=args.eval_size, max_drop=None if args.max_drop < 0 else args.max_drop, opset=args.opset,
+               dynamic_batch=not args.static_batch, tar=args.tar)
+    print(f"on the device: rsedge-bench {args.out}")
     return 0
 
 
@@ -174,7 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--calib-size", type=int, default=512, help="calibration images, stratified by class")
     x.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
                    help="activation range calibration")
+    x.add_argument("--max-drop", type=float, default=None,
+                   help="accuracy guard: keep the most quantization-sensitive layers in float until the INT8 "
+                   "top-1 drop on the validation split is at most this many points")
+    x.add_argument("--guard-images", type=int, default=1000,
+                   help="validation images (stratified) the INT8 accuracy is measured on")
     x.set_defaults(func=cmd_export)
+
+    bd = sub.add_parser("bundle", help="deployment bundle: FP32 + INT8 ONNX, calibration and evaluation data, "
+                        "manifest", formatter_class=_Formatter)
+    bd.add_argument("--model", required=True, help="model file")
+    bd.add_argument("--data", help="the model's data folder (default: the folder of the model's own split)")
+    bd.add_argument("--out", required=True, help="new folder for the bundle")
+    bd.add_argument("--tar", action="store_true", help="also write OUT.tar.gz")
+    bd.add_argument("--calib-size", type=int, default=512, help="calibration images from the training split")
+    bd.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                    help="activation range calibration of the Q/DQ model")
+    bd.add_argument("--eval-size", type=int, default=500, help="evaluation images from the test split")
+    bd.add_argument("--max-drop", type=float, default=1.0,
+                    help="INT8 accuracy guard budget in top-1 points (negative: no guard)")
+    bd.add_argument("--opset", type=int, default=13, help="ONNX opset (13 for TensorRT 8.2 / JetPack 4)")
+    bd.add_argument("--static-batch", action="store_true",
+                    help="batch 1 only (default: dynamic batch, so the device can build batch profiles)")
+    bd.set_defaults(func=cmd_bundle)
 
     b = sub.add_parser("bench", help="benchmark ONNX models or TensorRT engines (same as rsedge-bench)",
                        add_help=False)
@@ -223,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         if debug:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -36,6 +36,17 @@ class _ArrayReader:
         self.pos = 0
 
 
+def preprocess_for_quantization(src: str | Path, dst: str | Path, log: Callable[[str], None] = print) -> None:
+    """onnxruntime's recommended pass (shape inference, graph optimization) before quantizing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    except Exception as e:  # noqa: BLE001 - the pass is an optimization only
+        log(f"warning: quantization pre-processing failed ({e}); quantizing the graph as exported")
+        Path(dst).write_bytes(Path(src).read_bytes())
+
+
 def quantize_qdq(
     fp32_onnx: str | Path,
     out_path: str | Path,
@@ -43,12 +54,14 @@ def quantize_qdq(
     method: str = "minmax",
     per_channel: bool = True,
     exclude_nodes: Sequence[str] = (),
+    preprocess: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """Quantize `fp32_onnx` to Q/DQ. `exclude_nodes` names nodes of the graph after
+    onnxruntime's pre-processing pass; a caller that names nodes runs `preprocess_for_quantization`
+    itself and passes its output with `preprocess=False`."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     if method not in CALIB_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, not {method!r}")
     if len(calib_images) == 0:
@@ -62,10 +75,9 @@ def quantize_qdq(
            "percentile": CalibrationMethod.Percentile}[method]
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(fp32_onnx), str(pre), skip_symbolic_shape=False)
-        except Exception as e:  # noqa: BLE001 - the preprocessing pass is an optimization only
-            log(f"warning: quantization pre-processing failed ({e}); quantizing the graph as exported")
+        if preprocess:
+            preprocess_for_quantization(fp32_onnx, pre, log)
+        else:
             pre.write_bytes(fp32_onnx.read_bytes())
         q_tmp = Path(tmp) / "q.onnx"
         quantize_static(

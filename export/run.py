@@ -16,9 +16,9 @@ from rsedge.trainer.modelfile import load_model
 from rsedge.trainer.records import write_record
 from rsedge.trainer.transforms import eval_transform
 
+from .int8_guard import quantize_with_guard
 from .onnx_export import DEFAULT_OPSET, export_onnx, parity, run_onnx
 from .onnx_graph import graph_stats
-from .quantize import quantize_qdq
 
 
 def stratified_sample(items: Sequence[Sequence[Any]], n: int, seed: int = 0) -> list[tuple[str, int]]:
@@ -91,6 +91,8 @@ def export_run(
     calib_method: str = "minmax",
     data: str | Path | None = None,
     parity_images: int = 64,
+    max_drop: float | None = None,
+    guard_images: int = 1000,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     out = Path(out)
@@ -99,12 +101,11 @@ def export_run(
     src = split_items(meta, data, "val")
     if src is not None and src[1]:
         picked = stratified_sample(src[1], parity_images, seed=1)
-        check, check_labels = preprocess_items(src[0], picked, meta)
+        check, _ = preprocess_items(src[0], picked, meta)
         check_source = f"{len(check)} real images from {src[0]}"
     else:
         h, w = meta["input_size"]
         check = np.random.default_rng(0).standard_normal((8, 3, h, w)).astype(np.float32)
-        check_labels = None
         check_source = "8 random tensors (no image folder at hand: pass --data)"
         log(f"warning: parity checked on {check_source}")
     onnx_path = out / "model.onnx"
@@ -117,7 +118,8 @@ def export_run(
     record: dict[str, Any] = {
         "inputs": {"model": str(Path(model_file).resolve())},
         "parameters": {"opset": opset, "dynamic_batch": dynamic_batch, "simplifier": simplifier, "int8": int8,
-                       "calib_size": calib_size, "calib_method": calib_method},
+                       "calib_size": calib_size, "calib_method": calib_method, "max_drop": max_drop,
+                       "guard_images": guard_images},
         "onnx": {"file": onnx_path.name, **info, "parity_images": check_source, "graph": stats,
                  "pytorch": torch_counts},
     }
@@ -130,18 +132,28 @@ def export_run(
         calib, _ = preprocess_items(csrc[0], calib_items, meta)
         files = save_calibration(calib, out / "calib")
         q_path = out / "model_int8.onnx"
-        qinfo = quantize_qdq(onnx_path, q_path, calib, calib_method, log=log)
+        vsrc = split_items(meta, data, "val")
+        if vsrc is not None and vsrc[1]:
+            val_items = stratified_sample(vsrc[1], guard_images, seed=3)
+            val_x, val_y = preprocess_items(vsrc[0], val_items, meta)
+        elif max_drop is not None:
+            raise ValueError("--max-drop needs labeled validation images: the model's split, or --data DIR")
+        else:
+            val_x, val_y = check[:0], np.zeros(0, np.int64)
+        qinfo = quantize_with_guard(onnx_path, q_path, calib, val_x, val_y, max_drop=max_drop, method=calib_method,
+                                    log=log)
         q_stats = graph_stats(q_path)
         q_parity = parity(run_onnx(onnx_path, check), run_onnx(q_path, check))
         int8_rec: dict[str, Any] = {"file": q_path.name, **qinfo, "graph": q_stats,
                                     "size_vs_fp32": q_stats["file_bytes"] / stats["file_bytes"],
                                     "agreement_with_fp32": q_parity, "calibration_files": ["calib/" + f for f in files]}
-        if check_labels is not None:
-            fp32_acc = float(np.mean(run_onnx(onnx_path, check).argmax(1) == check_labels))
-            int8_acc = float(np.mean(run_onnx(q_path, check).argmax(1) == check_labels))
-            int8_rec["check_top1"] = {"fp32": fp32_acc, "int8": int8_acc, "images": int(len(check_labels))}
+        if max_drop is not None and not qinfo["within_budget"]:
+            log(f"warning: INT8 drop {qinfo['drop_points']:.2f} points exceeds --max-drop {max_drop} even with "
+                f"{len(qinfo['kept_in_float'])} node(s) in float; the best attempt was written")
         record["int8"] = int8_rec
+        acc = (f", validation top-1 {qinfo['int8_top1']:.4f} vs FP32 {qinfo['fp32_top1']:.4f}"
+               if qinfo["validation_images"] else "")
         log(f"INT8 Q/DQ written to {q_path}: {q_stats['file_bytes'] / 1e6:.2f} MB "
-            f"({int8_rec['size_vs_fp32']:.0%} of FP32), top-1 agreement with FP32 {q_parity['top1_agreement']:.4f}")
+            f"({int8_rec['size_vs_fp32']:.0%} of FP32){acc}")
     write_record(out, "export", record)
     return record
