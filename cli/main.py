@@ -23,6 +23,7 @@ typical flow:
   rsedge finetune --model runs/pruned/model.safetensors --data data/synth --epochs 5 --out runs/ft
   rsedge export   --model runs/ft/model.safetensors --out runs/onnx --int8 --calib-data data/synth
   rsedge bench    runs/onnx/model.onnx runs/onnx/model_int8.onnx
+  rsedge bundle   --model runs/ft/model.safetensors --out bundle --tar   (then on the device: rsedge-bench bundle)
 or all of it at once: rsedge demo
 """
 
