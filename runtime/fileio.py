@@ -17,6 +17,9 @@ def atomic_write_bytes(path, data):
         os.makedirs(directory)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        # mkstemp makes the file 0600: results, engines and bundle files must stay readable by
+        # the other users of a device or a container mount, as an ordinary write would leave them
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -27,6 +30,12 @@ def atomic_write_bytes(path, data):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask():
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def atomic_write_text(path, text):

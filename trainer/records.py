@@ -1,7 +1,7 @@
 """Run directories and their machine-readable records.
 
 Every stage writes `record.json` in its output folder; later stages read it. Writes are atomic
-(temporary file + rename) so an interrupted run never leaves a half-written record behind.
+(the runtime's temporary file + rename) so an interrupted run never leaves a half-written record.
 """
 from __future__ import annotations
 
@@ -10,32 +10,10 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+from rsedge.runtime.fileio import atomic_write_bytes
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
