@@ -155,7 +155,7 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, progress: 
         f"{threads} threads, on {cpu}.\n\n{table}\n\n"
         f"- pruned parameters: {checks['pruned_params_ratio']:.1%} of the baseline "
         f"({'ok' if checks['pruned_params_at_most_60pct'] else 'ABOVE 60 %'})\n"
-        f"- accuracy change after pruning and fine-tuning: {-checks['pruned_accuracy_drop_points']:+.2f} points "
+        f"- accuracy change after pruning and fine-tuning: {0.0 - checks['pruned_accuracy_drop_points']:+.2f} points "
         f"({'ok' if checks['pruned_accuracy_within_3_points'] else 'MORE THAN 3 POINTS LOST'})\n"
         f"- INT8 file: {checks['int8_size_ratio']:.1%} of the FP32 pruned file "
         f"({'ok' if checks['int8_at_most_35pct_of_fp32'] else 'ABOVE 35 %'})\n\n"
