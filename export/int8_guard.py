@@ -181,8 +181,9 @@ def quantize_with_guard(
             a = {"excluded": list(excluded), "int8_top1": acc, "drop_points": 100 * (fp32_top1 - acc),
                  "path": path, "info": info}
             attempts.append(a)
-            log(f"INT8 attempt {len(attempts)}: {len(excluded)} node(s) in float, top-1 {acc:.4f} "
-                f"(FP32 {fp32_top1:.4f}, drop {a['drop_points']:.2f} points)")
+            if len(val_labels):
+                log(f"INT8 attempt {len(attempts)}: {len(excluded)} node(s) in float, top-1 {acc:.4f} "
+                    f"(FP32 {fp32_top1:.4f}, drop {a['drop_points']:.2f} points)")
             return a
 
         current = attempt([])

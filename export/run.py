@@ -98,7 +98,11 @@ def export_run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_model(model_file)
-    src = split_items(meta, data, "val")
+    src = None
+    for part in ("val", "test", "train"):  # a split may have no validation part (e.g. 80/20)
+        src = split_items(meta, data, part)
+        if src is None or src[1]:
+            break
     if src is not None and src[1]:
         picked = stratified_sample(src[1], parity_images, seed=1)
         check, _ = preprocess_items(src[0], picked, meta)
