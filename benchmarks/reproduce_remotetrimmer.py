@@ -211,22 +211,25 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     data = Path(args.data).resolve()
-    work = Path(args.work) / f"{args.model}_s{args.subset:g}_e{args.epochs}_ft{args.ft_epochs}_seed{args.seed}"
+    # the split and the baseline depend only on these; methods live in a folder per fine-tuning
+    # setting, so a longer fine-tuning run reuses the baseline
+    base = Path(args.work) / f"{args.model}_s{args.subset:g}_e{args.epochs}_seed{args.seed}"
+    work = base / f"ft{args.ft_epochs}_r{args.ratio:g}"
     work.mkdir(parents=True, exist_ok=True)
-    split_file = work / "split.json"
+    split_file = base / "split.json"
     split = make_split(data, args.subset, args.seed, split_file)
 
-    base_dir = work / "baseline"
+    base_dir = base / "baseline"
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer="adamw", lr=2e-3, warmup_epochs=1,
                       seed=args.seed, workers=args.workers)
     log(f"baseline {args.model}: {args.epochs} epochs on {split['counts']['train']} images")
     train_run(data, args.model, base_dir, img_size=args.img_size, cfg=cfg, split_file=str(split_file), resume=True)
     base_model = base_dir / "model.safetensors"
     meta = read_metadata(base_model)
-    images, labels = test_arrays(split, meta, work / "test_arrays.npz")
+    images, labels = test_arrays(split, meta, base / "test_arrays.npz")
 
     def export_and_measure(model_file: Path, name: str) -> dict:
-        edir = work / f"export_{name}"
+        edir = (base if name == "baseline" else work) / f"export_{name}"
         if not (edir / "record.json").is_file():
             export_run(model_file, edir, int8=True, calib_data=data, calib_size=args.calib_size,
                        dynamic_batch=True, log=log)
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
                          workers=args.workers)
     for name in args.methods:
         criterion, loss = METHODS[name]
-        pdir = work / f"prune_{criterion}"
+        pdir = base / f"prune_{criterion}_r{args.ratio:g}"
         if not (pdir / "model.safetensors").is_file():
             log(f"{name}: pruning with {criterion} at rate {args.ratio}")
             prune_run(base_model, pdir, method=criterion, ratio=args.ratio, data=data, log=log,

@@ -1,4 +1,4 @@
-"""`rsedge prune`, `rsedge finetune` (and the other compression stages): their options."""
+"""`rsedge prune`, `rsedge sparse-train`, `rsedge finetune` (the compression stages): their options."""
 from __future__ import annotations
 
 import os
@@ -6,13 +6,59 @@ from typing import Callable
 
 from .options import train_config
 
+# the same tuple as rsedge.compress.prune.METHODS (a test checks): importing it would load torch
+# for `rsedge --help`
+PRUNE_METHODS = ("random", "l1", "bn-scale", "fpgm", "taylor", "cap", "group", "l1rr")
+
+PRUNE_METHODS_HELP = """\
+methods (the score of a channel; the lowest go):
+  random    uniform random scores, the control (seeded)
+  l1        L1 norm of the output filter (Li et al. 2017)
+  bn-scale  |BN gamma| (network slimming, Liu et al. 2017); --threshold allowed
+  fpgm      sum of L2 distances to the layer's other filters (FPGM, He et al. 2019)
+  taylor    |mean over the filter of dL/dw * w| on training batches (seed 002); needs --data
+  cap       RemoteTrimmer channel attention: SE-probe attention s_bar * |gamma| (seed 000); needs --data
+  group     Torch-Pruning's group L2 magnitude (DepGraph, Fang et al. 2023)
+  l1rr      |gamma| after `rsedge sparse-train --method l1rr`, one global threshold (seed 001);
+            --threshold, --ratio, or --target-lfa (default 0.01, needs --data)
+
+examples:
+  rsedge prune --model m.safetensors --out p --method l1 --ratio 0.5
+  rsedge prune --model m.safetensors --out p --method cap --ratio 0.7 --data data/eurosat
+  rsedge prune --model m.safetensors --out p --method taylor --ratio 0.5 --steps 5 --data data/eurosat
+  rsedge prune --model sparse/model.safetensors --out p --method l1rr --target-lfa 0.01 \\
+               --coupling reconstruct --compensate --data data/eurosat
+"""
+
 
 def cmd_prune(args) -> int:
     from rsedge.compress.prune import prune_run
 
-    prune_run(args.model, args.out, method=args.method, ratio=args.ratio, round_to=args.round_to,
-              global_pruning=args.global_pruning, data=args.data)
+    ratio, target_lfa = args.ratio, args.target_lfa
+    if ratio is None and args.threshold is None and target_lfa is None:
+        if args.method == "l1rr":
+            target_lfa = 0.01
+        else:
+            ratio = 0.5
+    prune_run(args.model, args.out, method=args.method, ratio=ratio, round_to=args.round_to,
+              global_pruning=args.global_pruning, data=args.data, threshold=args.threshold, target_lfa=target_lfa,
+              min_channels=args.min_channels, max_ratio=args.max_ratio, exclude=args.exclude or (),
+              coupling=args.coupling, compensate_bias=args.compensate, steps=args.steps,
+              step_epochs=args.step_epochs, step_lr=args.step_lr, taylor_batches=args.taylor_batches,
+              cap_epochs=args.cap_epochs, cap_samples=args.cap_samples, cap_lr=args.cap_lr,
+              cap_train_model=args.cap_train_model, lfa_images=args.lfa_images, batch_size=args.batch_size,
+              workers=args.workers, seed=args.seed, device=args.device, progress=not args.quiet)
     print(f"pruned model written to {os.path.join(args.out, 'model.safetensors')}")
+    return 0
+
+
+def cmd_sparse_train(args) -> int:
+    from rsedge.compress.sparse import sparse_train_run
+
+    sparse_train_run(args.model, args.data, args.out, method=args.method, cfg=train_config(args), sr=args.sr,
+                     theta=args.theta, lambda_a=args.lambda_a, eps=args.eps, phase_epochs=args.phase_epochs,
+                     threshold=args.sparse_threshold, resume=args.resume, progress=not args.quiet)
+    print(f"sparse-trained model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
 
@@ -20,25 +66,83 @@ def cmd_finetune(args) -> int:
     from rsedge.compress.finetune import finetune_run
 
     finetune_run(args.model, args.data, args.out, cfg=train_config(args), loss=args.loss, aml_r=args.aml_r,
-                 resume=args.resume, progress=not args.quiet)
+                 resume=args.resume, progress=not args.quiet, kd_from=args.kd_from,
+                 kd_temperature=args.kd_temperature, kd_weight=args.kd_weight, preset=args.preset)
     print(f"fine-tuned model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
 
-
 def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..., None]) -> None:
-    pr = sub.add_parser("prune", help="structured channel pruning, physically slimmed", formatter_class=formatter)
+    pr = sub.add_parser("prune", help="structured channel pruning, physically slimmed", formatter_class=formatter,
+                        epilog=PRUNE_METHODS_HELP)
     pr.add_argument("--model", required=True, help="model file to prune")
-    pr.add_argument("--out", required=True, help="run directory for the pruned model")
-    pr.add_argument("--method", choices=("l1", "bn-scale"), default="l1",
-                    help="l1: filter L1 norm (Li et al. 2017); bn-scale: |BN gamma| (network slimming)")
-    pr.add_argument("--ratio", type=float, default=0.5, help="fraction of each layer's channels to remove")
-    pr.add_argument("--round-to", type=int, default=8,
-                    help="keep channel counts at multiples of this (rounded down, never below it); 1 disables")
-    pr.add_argument("--global", dest="global_pruning", action="store_true",
-                    help="one threshold for the whole network instead of the same ratio in every layer")
-    pr.add_argument("--data", help="training data folder: report validation accuracy right after pruning")
+    pr.add_argument("--out", required=True, help="run directory for the pruned model and record.json")
+    pr.add_argument("--method", choices=PRUNE_METHODS, default="l1", help="channel criterion (see below)")
+    amount = pr.add_argument_group("how much (one of)")
+    amount.add_argument("--ratio", type=float, default=None,
+                        help="fraction of channels removed, in every layer (or overall with --global); "
+                        "default 0.5 (l1rr: --target-lfa 0.01)")
+    amount.add_argument("--threshold", type=float, default=None,
+                        help="bn-scale / l1rr: remove the channels whose |gamma| is at or below this")
+    amount.add_argument("--target-lfa", type=float, default=None,
+                        help="bn-scale / l1rr: the largest gamma threshold whose feature-attention loss "
+                        "stays within this (L1RR); needs --data")
+    amount.add_argument("--global", dest="global_pruning", action="store_true",
+                        help="one ranking for the whole network instead of the same ratio in every layer")
+    shapes = pr.add_argument_group("shapes")
+    shapes.add_argument("--round-to", type=int, default=8,
+                        help="kept channel counts are multiples of this, rounded down; 1 disables")
+    shapes.add_argument("--min-channels", type=int, default=8, help="never keep fewer channels in a layer")
+    shapes.add_argument("--max-ratio", type=float, default=1.0,
+                        help="never remove more than this fraction of a layer's channels")
+    shapes.add_argument("--exclude", nargs="+", metavar="LAYER",
+                        help="layer names or patterns (fnmatch, e.g. 'layer4.*') whose channels are kept")
+    shapes.add_argument("--coupling", choices=("shared", "reconstruct"), default="shared",
+                        help="channels coupled by residual adds: one kept set per group (shared) or one per "
+                        "branch with the add rewritten (reconstruct, L1RR)")
+    shapes.add_argument("--compensate", action="store_true",
+                        help="fold the constant a removed channel still emits (its BN shift) into the "
+                        "consumer's bias / BN mean")
+    sched = pr.add_argument_group("iterative schedule")
+    sched.add_argument("--steps", type=int, default=1,
+                       help="prune in this many steps, fine-tuning briefly between them (needs --data)")
+    sched.add_argument("--step-epochs", type=int, default=1, help="fine-tuning epochs between steps")
+    sched.add_argument("--step-lr", type=float, default=0.01, help="SGD learning rate between steps")
+    crit = pr.add_argument_group("data-driven criteria")
+    crit.add_argument("--data", help="training data folder: read by taylor, cap, --target-lfa, --steps; "
+                      "also the validation accuracy right after pruning")
+    crit.add_argument("--taylor-batches", type=int, default=16, help="taylor: training batches to average over")
+    crit.add_argument("--cap-epochs", type=int, default=1, help="cap: probe training epochs")
+    crit.add_argument("--cap-samples", type=int, default=256, help="cap: images s_bar is averaged over")
+    crit.add_argument("--cap-lr", type=float, default=1e-3, help="cap: probe learning rate (Adam)")
+    crit.add_argument("--cap-train-model", action="store_true",
+                      help="cap: train the network with its probes (the attention is folded into BN after)")
+    crit.add_argument("--lfa-images", type=int, default=64, help="--target-lfa: validation images used")
+    crit.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    crit.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
+                      help="data-loading worker processes")
+    crit.add_argument("--seed", type=int, default=0, help="seed of random scores, probes and data order")
+    crit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    crit.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser("sparse-train", help="train BatchNorm scales sparse (network slimming or L1RR)",
+                       formatter_class=formatter)
+    s.add_argument("--model", required=True, help="model file to sparse-train (usually the trained baseline)")
+    s.add_argument("--data", required=True, help="dataset root (the model's split is reused when it matches)")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--method", choices=("slimming", "l1rr"), default="l1rr",
+                   help="slimming: L1 on gamma; l1rr: dynamic reweighted L1 x self-adaptive per-layer factor")
+    s.add_argument("--sr", type=float, default=1e-4, help="slimming: L1 strength on gamma")
+    s.add_argument("--theta", type=float, default=1e-3, help="l1rr: sparsity rate theta")
+    s.add_argument("--lambda-a", type=float, default=1.0, help="l1rr: a in lambda = 2^(a(rho - Np/N - s))")
+    s.add_argument("--eps", type=float, default=1e-2, help="l1rr: epsilon in alpha = 1/(|gamma| + eps)")
+    s.add_argument("--phase-epochs", type=int, default=None,
+                   help="l1rr: epochs per phase t (alpha and lambda refreshed at each phase); "
+                   "default: epochs/10 rounded up (at most 10 phases)")
+    s.add_argument("--sparse-threshold", type=float, default=0.01, help="|gamma| below this counts as sparse")
+    add_training_options(s, epochs=20, lr=0.01)
+    s.set_defaults(func=cmd_sparse_train)
 
     f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the same split", formatter_class=formatter)
     f.add_argument("--model", required=True, help="model file to fine-tune")
@@ -47,5 +151,12 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
     f.add_argument("--loss", choices=("ce", "aml"), default="ce",
                    help="ce: cross-entropy; aml: RemoteTrimmer's adaptive mining loss")
     f.add_argument("--aml-r", type=float, default=0.4, help="weight r of the cross-entropy term in AML")
+    f.add_argument("--kd-from", help="distill the logits of this model file (e.g. the unpruned model)")
+    f.add_argument("--kd-temperature", type=float, default=4.0, help="distillation temperature T")
+    f.add_argument("--kd-weight", type=float, default=0.5,
+                   help="weight of the distillation term (the hard-label loss gets 1 - this)")
+    f.add_argument("--preset", choices=("none", "remotetrimmer"), default="none",
+                   help="remotetrimmer: the seed paper's schedule (SGD, lr 1e-3, x0.9 at 50 %% and 75 %% of the "
+                   "epochs), overriding --optimizer, --lr, --schedule, --step-*")
     add_training_options(f, epochs=10, lr=0.01)
     f.set_defaults(func=cmd_finetune)

@@ -15,3 +15,11 @@ def adaptive_mining_loss(logits: torch.Tensor, targets: torch.Tensor, r: float =
     ce = F.cross_entropy(logits, targets, reduction="none")
     d = (F.one_hot(targets, n).to(logits.dtype) - logits.softmax(1)).abs().sum(1)
     return (r * ce + torch.exp(d / n + (d / n) ** 2)).mean()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Logit distillation (Hinton et al., 2015): KL(softmax(t/T) || softmax(s/T)) * T^2, the T^2
+    keeping its gradient on the scale of the hard-label loss whatever the temperature."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
+                    log_target=True) * t * t

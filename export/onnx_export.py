@@ -56,6 +56,64 @@ def set_metadata(model_proto, props: dict[str, str]) -> None:
             entry.key, entry.value = k, v
 
 
+class FixedAdaptiveAvgPool(nn.Module):
+    """AdaptiveAvgPool2d for one known input size, as two constant matrix products.
+
+    ONNX has no adaptive pooling: the TorchScript exporter cannot write one whose bins do not
+    tile the input (VGG's 7x7 pool on the 2x2 map of a 64 px image), and the dynamo exporter's
+    graph cannot be converted down to opset 13 for TensorRT 8.2. Averaging over PyTorch's bins is
+    linear in each axis, so out = P_h @ x @ P_w^T with constant P is exact and exports as MatMul.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("p_h", self._bins(in_hw[0], out_hw[0]))
+        self.register_buffer("p_w", self._bins(in_hw[1], out_hw[1]).t().contiguous())
+
+    @staticmethod
+    def _bins(n_in: int, n_out: int) -> torch.Tensor:
+        p = torch.zeros(n_out, n_in)
+        for i in range(n_out):
+            start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+            p[i, start:end] = 1.0 / (end - start)
+        return p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.p_h, x), self.p_w)
+
+
+def exportable(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[str]]:
+    """A copy of `model` whose adaptive average pools that ONNX cannot express are replaced by
+    their exact fixed-size equivalent; returns the names replaced."""
+    import copy
+
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: sizes.__setitem__(name, tuple(inp[0].shape[-2:]))))
+    with torch.no_grad():
+        model(example)
+    for h in hooks:
+        h.remove()
+    replace = []
+    for name, (h, w) in sizes.items():
+        pool = model.get_submodule(name)
+        oh, ow = (pool.output_size, pool.output_size) if isinstance(pool.output_size, int) else pool.output_size
+        oh, ow = oh or h, ow or w
+        if (oh, ow) != (1, 1) and (h % oh or w % ow):
+            replace.append((name, (h, w), (oh, ow)))
+    if not replace:
+        return model, []
+    model = copy.deepcopy(model)
+    for name, in_hw, out_hw in replace:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, FixedAdaptiveAvgPool(in_hw, out_hw))
+    return model, [r[0] for r in replace]
+
+
 def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> str:
     dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
@@ -68,13 +126,17 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
             )
             return "torchscript"
         except TypeError:
-            pass  # this torch has no TorchScript exporter any more
+            torchscript_error = "this torch has no TorchScript exporter"
+        except Exception as e:  # noqa: BLE001 - e.g. VGG's 7x7 adaptive pool on a 2x2 map below 224 px
+            torchscript_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     import onnx
     from onnx import version_converter
 
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
-    prog = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
-                             output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                 output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, verbose=False)
     proto = prog.model_proto
     native = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if native != opset:
@@ -86,7 +148,7 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
                 f"try --opset {native} (TensorRT 8.5+ parses it; TensorRT 8.2 on JetPack 4 needs <= 13)"
             ) from e
     onnx.save(proto, str(path))
-    return f"dynamo (opset {native} converted to {opset})"
+    return f"dynamo (opset {native} converted to {opset}; TorchScript exporter: {torchscript_error})"
 
 
 def ort_session(path: str | Path, threads: int | None = None):
@@ -182,7 +244,11 @@ def export_onnx(
     model = model.cpu().eval()
     h, w = meta["input_size"]
     raw = path.with_suffix(".raw.onnx")
-    exporter = _torch_export(model, torch.zeros(1, 3, h, w), raw, opset, dynamic_batch)
+    example = torch.zeros(1, 3, h, w)
+    to_export, replaced = exportable(model, example)
+    if replaced:
+        log(f"adaptive pooling of {', '.join(replaced)} exported as its exact fixed-size equivalent (MatMul)")
+    exporter = _torch_export(to_export, example, raw, opset, dynamic_batch)
     probe = check_images[: min(len(check_images), 8)] if dynamic_batch else check_images[:1]
     simp = simplify(raw, path, simplifier, probe, log=log)
     raw.unlink(missing_ok=True)
@@ -191,4 +257,5 @@ def export_onnx(
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
     result = parity(run_torch(model, check_images), run_onnx(path, check_images))
-    return {"exporter": exporter, "opset": opset, "dynamic_batch": dynamic_batch, "simplify": simp, "parity": result}
+    return {"exporter": exporter, "opset": opset, "dynamic_batch": dynamic_batch, "simplify": simp, "parity": result,
+            "fixed_adaptive_pools": replaced}

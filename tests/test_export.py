@@ -87,3 +87,42 @@ def test_stratified_sample_keeps_every_class():
     labels = [lab for _, lab in picked]
     assert len(picked) == 20 and labels.count(1) == 2 and labels.count(0) == 18
     assert stratified_sample(items, 20, seed=0) == picked
+
+
+@pytest.mark.parametrize("in_hw", [(1, 1), (2, 2), (3, 5), (7, 7), (9, 4)])
+def test_fixed_adaptive_pool_equals_pytorch(in_hw):
+    import torch
+
+    from rsedge.export.onnx_export import FixedAdaptiveAvgPool
+
+    x = torch.randn(2, 4, *in_hw)
+    ref = torch.nn.AdaptiveAvgPool2d((7, 7))(x)
+    assert torch.allclose(FixedAdaptiveAvgPool(in_hw, (7, 7))(x), ref, atol=1e-6)
+
+
+def test_vgg_pool_on_a_small_map_exports_at_opset_13(tmp_path):
+    """VGG's 7x7 adaptive pool sees a 1x1 map at 32 px: ONNX has no op for it."""
+    import torch
+
+    from rsedge.export.onnx_export import exportable
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Conv2d(3, 4, 3, stride=32, padding=1)
+            self.avgpool = torch.nn.AdaptiveAvgPool2d((7, 7))
+            self.fc = torch.nn.Linear(4 * 49, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    from rsedge.export.onnx_export import export_onnx
+
+    model = Head().eval()
+    _, replaced = exportable(model, torch.zeros(1, 3, 32, 32))
+    assert replaced == ["avgpool"] and isinstance(model.avgpool, torch.nn.AdaptiveAvgPool2d)  # the original stays
+    meta = {"arch": "x", "classes": ["a", "b", "c"], "input_size": [32, 32],
+            "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}}
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    info = export_onnx(model, meta, tmp_path / "m.onnx", x, log=lambda m: None)
+    assert info["exporter"] == "torchscript" and info["parity"]["max_abs_diff"] < 1e-5

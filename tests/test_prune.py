@@ -90,3 +90,13 @@ def test_macs_counted_by_the_conv_rule():
     m = Tiny()
     # conv1: 8*8*16 outputs * 3*9; conv2: 8*8*24 * 16*9; fc: 24*4
     assert count_macs(m, [8, 8]) == 64 * 16 * 27 + 64 * 24 * 144 + 96
+
+
+def test_prune_model_stays_in_place_and_refuses_reconstruction():
+    from rsedge.trainer.models import create_model
+
+    m = create_model("resnet18", 5)
+    with pytest.raises(ValueError, match="prune_network"):
+        prune_model(m, [32, 32], 5, "l1", 0.5, coupling="reconstruct")
+    report = prune_model(m, [32, 32], 5, "l1", 0.5)
+    assert report["after"]["params"] == count_params(m)

@@ -5,6 +5,11 @@ normalization, metrics, history of stages) lives in the safetensors header under
 `rsedge`, so one file is written atomically and any safetensors reader can open it. Loading
 rebuilds the architecture from the registry, reshapes the layers the layout names, and loads the
 tensors: no code from the file is ever executed.
+
+Residual reconstruction (L1RR) changes the graph, not only layer widths: an add whose two inputs
+keep different channels becomes an `IndexedAdd`. The layout names such modules (a fixed whitelist,
+integer arguments only) and the traced node they replace; the loader traces the fresh
+architecture with torch.fx, which is deterministic for a given architecture, and re-inserts them.
 """
 from __future__ import annotations
 
@@ -25,9 +30,72 @@ META_KEY = "rsedge"
 _CONV_ATTRS = ("in_channels", "out_channels", "groups")
 
 
+class IndexedAdd(nn.Module):
+    """`a + b` for two tensors that hold different subsets of one channel space (L1RR's residual
+    reconstruction): the channels both keep are summed, the others are concatenated after them,
+    `out = cat(a[a_common] + b[b_common], a[a_only], b[b_only])`. Each input is permuted at most
+    once (a Gather with constant indices, skipped when the order already fits) and cut by slices,
+    so export sees only Gather, Slice, Add and Concat: no ScatterND, which TensorRT 8.2 handles
+    poorly."""
+
+    INDEX_KEYS = ("a_common", "b_common", "a_only", "b_only")
+
+    def __init__(self, a_channels: int, b_channels: int, a_common, b_common, a_only, b_only, node: str = ""):
+        super().__init__()
+        self.a_channels, self.b_channels, self.node = int(a_channels), int(b_channels), str(node)
+        self.index = {k: [int(i) for i in v] for k, v in zip(self.INDEX_KEYS, (a_common, b_common, a_only, b_only))}
+        self.common = len(self.index["a_common"])
+        if len(self.index["b_common"]) != self.common:
+            raise ValueError("IndexedAdd: a_common and b_common must have the same length")
+        for side, size in (("a", self.a_channels), ("b", self.b_channels)):
+            perm = self.index[f"{side}_common"] + self.index[f"{side}_only"]
+            if any(not 0 <= i < size for i in perm):
+                raise ValueError(f"IndexedAdd: an index of {side} is outside 0..{size - 1}")
+            if sorted(perm) != list(range(size)):
+                raise ValueError(f"IndexedAdd: {side}_common and {side}_only must use every channel of {side} once")
+            identity = perm == list(range(size))
+            setattr(self, f"_{side}_identity", identity)
+            if not identity:
+                self.register_buffer(f"{side}_order", torch.tensor(perm, dtype=torch.long), persistent=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not self._a_identity:
+            a = a.index_select(1, self.a_order)
+        if not self._b_identity:
+            b = b.index_select(1, self.b_order)
+        k = self.common
+        parts = []
+        if k:
+            parts.append((a if k == self.a_channels else a[:, :k]) + (b if k == self.b_channels else b[:, :k]))
+        if self.index["a_only"]:
+            parts.append(a[:, k:])
+        if self.index["b_only"]:
+            parts.append(b[:, k:])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    @property
+    def gathers(self) -> int:
+        return int(not self._a_identity) + int(not self._b_identity)
+
+    @property
+    def out_channels(self) -> int:
+        return sum(len(self.index[k]) for k in ("a_common", "a_only", "b_only"))
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "IndexedAdd", "node": self.node, "a_channels": self.a_channels,
+                "b_channels": self.b_channels, **self.index}
+
+    def extra_repr(self) -> str:
+        return (f"a={self.a_channels}, b={self.b_channels}, common={self.common}, "
+                f"a_only={len(self.index['a_only'])}, b_only={len(self.index['b_only'])}, gathers={self.gathers}")
+
+
+GRAPH_MODULES: dict[str, type[nn.Module]] = {"IndexedAdd": IndexedAdd}
+
+
 def _module_config(m: nn.Module) -> dict[str, Any] | None:
     if isinstance(m, nn.Conv2d):
-        return {"type": "Conv2d", **{a: getattr(m, a) for a in _CONV_ATTRS}}
+        return {"type": "Conv2d", **{a: getattr(m, a) for a in _CONV_ATTRS}, "bias": m.bias is not None}
     if isinstance(m, nn.BatchNorm2d):
         return {"type": "BatchNorm2d", "num_features": m.num_features}
     if isinstance(m, nn.Linear):
@@ -55,7 +123,11 @@ def channel_layout(model: nn.Module, reference: nn.Module) -> dict[str, Any]:
         for k, v in model.state_dict().items()
         if k in ref_state and tuple(ref_state[k].shape) != tuple(v.shape)
     }
-    return {"layers": layers, "tensors": tensors}
+    layout: dict[str, Any] = {"layers": layers, "tensors": tensors}
+    graph = {name: m.config() for name, m in model.named_modules() if isinstance(m, tuple(GRAPH_MODULES.values()))}
+    if graph:
+        layout["graph"] = graph
+    return layout
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -72,7 +144,7 @@ def _reshaped(old: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         assert isinstance(old, nn.Conv2d)
         return nn.Conv2d(
             int(cfg["in_channels"]), int(cfg["out_channels"]), old.kernel_size, old.stride, old.padding,
-            old.dilation, int(cfg["groups"]), old.bias is not None, old.padding_mode,
+            old.dilation, int(cfg["groups"]), bool(cfg.get("bias", old.bias is not None)), old.padding_mode,
         )
     if kind == "BatchNorm2d":
         assert isinstance(old, nn.BatchNorm2d)
@@ -88,7 +160,67 @@ def _reshaped(old: nn.Module, cfg: dict[str, Any]) -> nn.Module:
     raise ValueError(f"unknown layer type in layout: {kind}")
 
 
+def _int_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ValueError(f"layout: {what} must be a list of integers")
+    return value
+
+
+def trace(model: nn.Module):
+    """torch.fx trace in which modules that read `self.training` at run time (stochastic depth)
+    stay modules: a traced function call would freeze the mode the model had when traced."""
+    import torch.fx as fx
+
+    try:
+        from torchvision.ops import StochasticDepth
+
+        leaves: tuple[type, ...] = (StochasticDepth,)
+    except ImportError:  # pragma: no cover - torchvision is a host dependency
+        leaves = ()
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+    graph = _Tracer().trace(model)
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def apply_graph(model: nn.Module, graph: dict[str, Any]) -> nn.Module:
+    """Re-insert the whitelisted graph modules a pruning stage put in place of traced adds."""
+    import operator
+
+    adds = (operator.add, operator.iadd, torch.add)
+    gm = trace(model)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, cfg in graph.items():
+        if not isinstance(cfg, dict) or cfg.get("type") not in GRAPH_MODULES:
+            kind = cfg.get("type") if isinstance(cfg, dict) else cfg
+            raise ValueError(f"layout: unknown graph module type {kind!r} (known: {', '.join(GRAPH_MODULES)})")
+        if not name.isidentifier() or hasattr(gm, name):
+            raise ValueError(f"layout: bad graph module name {name!r}")
+        node = nodes.get(str(cfg.get("node")))
+        if node is None or node.op != "call_function" or node.target not in adds or len(node.args) != 2:
+            raise ValueError(f"layout: graph module {name} replaces {cfg.get('node')!r}, which is not an add "
+                             f"of this architecture")
+        for key in ("a_channels", "b_channels"):
+            if not isinstance(cfg.get(key), int):
+                raise ValueError(f"layout: {name}.{key} must be an integer")
+        module = IndexedAdd(cfg["a_channels"], cfg["b_channels"],
+                            *(_int_list(cfg.get(k), f"{name}.{k}") for k in IndexedAdd.INDEX_KEYS), node=node.name)
+        gm.add_submodule(name, module)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, args=tuple(node.args))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def apply_layout(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
+    """Reshape `model` to `layout`; returns the model to use (a traced copy when the layout
+    changes the graph)."""
     modules = dict(model.named_modules())
     for name, cfg in layout.get("layers", {}).items():
         if name not in modules:
@@ -109,6 +241,8 @@ def apply_layout(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
             setattr(owner, tname, nn.Parameter(new, requires_grad=cur.requires_grad))
         else:
             owner.register_buffer(tname, new)
+    if layout.get("graph"):
+        model = apply_graph(model, layout["graph"])
     return model
 
 
@@ -171,7 +305,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise FileNotFoundError(f"model file not found: {path}")
     meta = read_metadata(path)
     model = _fresh(meta["arch"], len(meta["classes"]))
-    apply_layout(model, meta.get("layout", {}))
+    model = apply_layout(model, meta.get("layout", {}))
     state = load_file(str(path), device="cpu")
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}, strict=True)
     return model.to(device).eval(), meta

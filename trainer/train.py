@@ -171,11 +171,16 @@ def fit(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_epoch_start: Callable[[nn.Module, int], None] | None = None,
+    before_step: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Train `model` for cfg.epochs; returns the final model and the per-epoch history.
 
     `meta` is the model metadata the checkpoint carries (so a pruned layout can be resumed);
-    `loss_fn(logits, targets, images)` replaces cross-entropy (AML, distillation...)."""
+    `loss_fn(logits, targets, images)` replaces cross-entropy (AML, distillation...).
+    Sparse training hooks in without a loop of its own: `on_epoch_start(model, epoch)` runs
+    before each epoch (also the first one after a resume) and `before_step(model)` between the
+    backward pass and the optimizer step, on unscaled gradients."""
     cfg = cfg.resolved()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +214,8 @@ def fit(
     classes = meta["classes"]
 
     for epoch in range(start_epoch, cfg.epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(model, epoch)
         model.train()
         loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, epoch, cfg.workers, drop_last=True)
         n_batches = max(len(loader), 1)
@@ -229,6 +236,10 @@ def fit(
                 loss = loss_fn(logits.float(), y, x)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if before_step is not None:
+                if use_amp:
+                    scaler.unscale_(opt)
+                before_step(model)
             scaler.step(opt)
             scaler.update()
             if not torch.isfinite(loss):

@@ -1,0 +1,125 @@
+"""L1RR's feature-attention loss (seed 001, eqs. 1-2) and the threshold search it drives.
+
+FA(D) = 1/k sum_images sum(F * M): the activation of the feature map F inside the target region
+M; L_FA = 1 - FA_pruned / FA_sparse. The paper reads F at each detection layer and M from the
+boxes. For classification we read F at the last feature map (the input of the global pooling)
+and take as target region of an image the class-activation map of the *sparse* model for the
+image's label, thresholded at its mean; Grad-CAM weights make this the classic CAM for a
+pooling + linear head and keep it defined for VGG's MLP head. Detection and segmentation will
+pass their boxes or masks to `feature_attention` instead (`masks` is any {0,1} map at F's size).
+
+Pruned models are evaluated as masked copies of the sparse model, which compute exactly what
+the slimmed model would (see `compress.slim`), so a search costs forward passes, not slimming.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsedge.trainer.modelfile import trace
+
+_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d)
+
+
+def feature_model(model: nn.Module, copy: bool = True) -> nn.Module:
+    """A traced `model` (a copy unless `copy=False`) whose output is (logits, F), F the map
+    before global pooling."""
+    import copy as _copy
+
+    gm = trace(_copy.deepcopy(model) if copy else model)
+    graph = gm.graph
+    flat = next((n for n in graph.nodes if n.op == "call_function" and n.target is torch.flatten), None)
+    if flat is None:
+        raise ValueError("no flatten in the model's graph: cannot find the feature map before the head")
+    node = flat.args[0]
+    while True:
+        pooled = (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _POOLS)) or (
+            node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.avg_pool2d))
+        if not pooled:
+            break
+        node = node.args[0]
+    out = next(n for n in graph.nodes if n.op == "output")
+    logits = out.args[0]
+    out.args = ((logits, node),)
+    gm.recompile()
+    return gm.eval()
+
+
+def target_masks(fm: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """Grad-CAM of the label, thresholded at its per-image mean (>=, so a 1x1 map is all target)."""
+    masks = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        y = labels[i:i + batch]
+        with torch.enable_grad():
+            logits, feat = fm(x)
+            grads = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), feat)[0]
+        cam = (grads.mean((2, 3), keepdim=True) * feat).sum(1).detach()
+        masks.append((cam >= cam.mean((1, 2), keepdim=True)).float())
+    return torch.cat(masks)
+
+
+@torch.no_grad()
+def feature_attention(fm: nn.Module, images: torch.Tensor, masks: torch.Tensor, batch: int = 32) -> float:
+    total = 0.0
+    for i in range(0, len(images), batch):
+        _, feat = fm(images[i:i + batch])
+        total += float((feat * masks[i:i + batch, None]).sum())
+    return total / max(len(images), 1)
+
+
+def lfa(fa_pruned: float, fa_sparse: float) -> float:
+    if fa_sparse == 0:
+        raise ValueError("the sparse model has no activation inside the target regions (FA = 0)")
+    return 1.0 - fa_pruned / fa_sparse
+
+
+def search_threshold(
+    scores: torch.Tensor,
+    evaluate: Callable[[float], tuple[float, float]],
+    target: float,
+    grid: int = 19,
+    refine: int = 8,
+    log: Callable[[str], None] = print,
+) -> tuple[float | None, list[dict[str, Any]]]:
+    """The largest threshold whose L_FA stays within `target`. `evaluate(delta)` returns
+    (L_FA, fraction of channels pruned). A coarse grid of score quantiles first, then bisection
+    over the distinct scores between the last passing and the first failing grid point (L_FA is
+    not strictly monotone once rounding to multiples of 8 steps in)."""
+    values = torch.unique(scores.float())
+    curve: list[dict[str, Any]] = []
+    seen: dict[float, tuple[float, float]] = {}
+
+    def run(delta: float) -> float:
+        if delta not in seen:
+            seen[delta] = evaluate(delta)
+            loss, frac = seen[delta]
+            curve.append({"threshold": delta, "lfa": loss, "pruned_fraction": frac})
+            log(f"  threshold {delta:.6g}: pruned {frac:.1%} of the channels, L_FA {loss:.4%}")
+        return seen[delta][0]
+
+    qs = torch.linspace(0, 1, grid + 2)[1:-1]
+    points = sorted({float(torch.quantile(values, q)) for q in qs})
+    best = None
+    for d in points:
+        if run(d) <= target:
+            best = d
+    above = [d for d in points if best is None or d > best]
+    first_fail = above[0] if above else None
+    cand = [float(v) for v in values
+            if (best is None or float(v) > best) and (first_fail is None or float(v) < first_fail)]
+    lo, hi = 0, len(cand) - 1
+    for _ in range(refine):
+        if lo > hi:
+            break
+        mid = (lo + hi) // 2
+        if run(cand[mid]) <= target:
+            best, lo = cand[mid], mid + 1
+        else:
+            hi = mid - 1
+    curve.sort(key=lambda r: r["threshold"])
+    return best, curve
