@@ -174,6 +174,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     pts, labels = [], []
     for r in rows:
@@ -187,6 +188,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.annotate(label, (lat, acc), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("median latency, ms (batch 1, log scale)")
     ax.set_ylabel("test top-1")
     ax.set_title(title, fontsize=9)
@@ -355,7 +358,7 @@ def markdown(doc: dict, stem: str) -> str:
         f"![accuracy vs latency]({stem}.png)",
         "",
         f"Command: `{doc['command']}`  ",
-        f"Date: {doc['date']} ({doc['seconds'] / 3600:.2f} h)  ",
+        f"Date: {doc['date']} (this invocation: {doc['seconds'] / 3600:.2f} h; stages already done are reused)  ",
         f"Machine: {doc['machine']['cpu']}, {doc['machine']['platform']}; training GPU: "
         f"{doc['machine']['gpu_for_training'] or 'none (CPU)'}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if k != "platform"),
