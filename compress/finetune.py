@@ -5,10 +5,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from rsedge.trainer.datasets import check_classes, load_split, resolve_split
+from rsedge.trainer.datasets import check_classes
 from rsedge.trainer.modelfile import derive_meta, load_model, save_model
 from rsedge.trainer.records import read_json, write_record
-from rsedge.trainer.run import datasets_for, format_per_class, write_eval_outputs
+from rsedge.trainer.run import datasets_for, format_per_class, split_for_model, write_eval_outputs
 from rsedge.trainer.train import TrainConfig, evaluate, fit, pick_device
 
 from .losses import adaptive_mining_loss, distillation_loss
@@ -62,12 +62,7 @@ def finetune_run(
         log(f"{final} exists: fine-tuning already finished")
         return read_json(out / "record.json")
     model, meta = load_model(model_file)
-    split_file = meta.get("split")
-    if split_file and Path(split_file).is_file() and Path(load_split(split_file)["root"]) != Path(data).resolve():
-        log(f"{data} is not the folder the model was trained on: making a new split")
-        split_file = None
-    split = resolve_split(data, out, split_file, seed=cfg.seed, progress=progress)
-    check_classes(meta["classes"], split["classes"], what=f"folder {split['root']}")
+    split = split_for_model(meta, data, out, seed=cfg.seed, progress=progress, log=log)
     train_ds, val_ds, test_ds = datasets_for(split, meta["input_size"], meta["normalization"])
     loss_fn = None
     if loss == "aml":

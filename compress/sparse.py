@@ -147,10 +147,9 @@ def sparse_train_run(
 ) -> dict[str, Any]:
     """The `sparse-train` stage: train on the model's split with the sparsity penalty, record the
     sparsity per phase (l1rr) or per epoch (slimming)."""
-    from rsedge.trainer.datasets import check_classes, load_split, resolve_split
     from rsedge.trainer.modelfile import derive_meta, load_model, save_model
     from rsedge.trainer.records import atomic_write_json, read_json, write_record
-    from rsedge.trainer.run import datasets_for, format_per_class, write_eval_outputs
+    from rsedge.trainer.run import datasets_for, format_per_class, split_for_model, write_eval_outputs
     from rsedge.trainer.train import TrainConfig, evaluate, fit, pick_device
 
     if method not in METHODS:
@@ -172,12 +171,7 @@ def sparse_train_run(
     model, meta = load_model(model_file)
     if meta.get("layout", {}).get("graph"):
         raise ValueError("this model was pruned with --coupling reconstruct; sparse-train the unpruned model")
-    split_file = meta.get("split")
-    if split_file and Path(split_file).is_file() and Path(load_split(split_file)["root"]) != Path(data).resolve():
-        log(f"{data} is not the folder the model was trained on: making a new split")
-        split_file = None
-    split = resolve_split(data, out, split_file, seed=cfg.seed, progress=progress)
-    check_classes(meta["classes"], split["classes"], what=f"folder {split['root']}")
+    split = split_for_model(meta, data, out, seed=cfg.seed, progress=progress, log=log)
     train_ds, val_ds, test_ds = datasets_for(split, meta["input_size"], meta["normalization"])
     state_file = out / "sparse_state.json"
     phases = read_json(state_file)["phases"] if resume and state_file.is_file() else None

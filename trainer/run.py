@@ -42,6 +42,26 @@ def format_per_class(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def split_for_model(
+    meta: dict[str, Any],
+    data: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The split the model was trained on when `data` is that folder (so a later stage never
+    trains on the model's test images), otherwise a new one; either way written to `out` and
+    checked against the model's classes."""
+    split_file = meta.get("split")
+    if split_file and Path(split_file).is_file() and Path(load_split(split_file)["root"]) != Path(data).resolve():
+        log(f"{data} is not the folder the model was trained on: making a new split")
+        split_file = None
+    split = resolve_split(data, out, split_file, seed=seed, progress=progress)
+    check_classes(meta["classes"], split["classes"], what=f"folder {split['root']}")
+    return split
+
+
 def train_run(
     data: str | Path,
     model_name: str,
