@@ -181,21 +181,20 @@ class FPGM(Criterion):
         return out
 
 
-class Taylor(Criterion):
-    """First-order Taylor importance (seed 002): Phi(W) = |mean over the filter of dL/dw * w|,
-    read from `scores` that `compress.taylor.taylor_scores` accumulated over training batches."""
+class _Precomputed(Criterion):
+    """Scores measured beforehand (on data) and looked up per layer; layers without a score,
+    e.g. ones the measurement never reached, fall back to filter L1."""
 
-    name = "taylor"
     needs_data = True
+    scores: dict[nn.Module, torch.Tensor]
 
-    def __init__(self, scores: dict[nn.Module, torch.Tensor] | None = None) -> None:
-        super().__init__()
-        self.scores = scores or {}
+    def owns(self, dep) -> bool:
+        raise NotImplementedError
 
     def layer_scores(self, group) -> list[LayerScore]:
         out = []
         for i, (dep, idxs) in enumerate(group):
-            if is_filter_producer(dep) and dep.layer in self.scores:
+            if self.owns(dep) and dep.layer in self.scores:
                 out.append((dep.layer, self.scores[dep.layer][idxs], group[i].root_idxs))
         return out
 
@@ -203,7 +202,21 @@ class Taylor(Criterion):
         return FilterL1().layer_scores(group)
 
 
-class ChannelAttention(Criterion):
+class Taylor(_Precomputed):
+    """First-order Taylor importance (seed 002): Phi(W) = |mean over the filter of dL/dw * w|,
+    read from `scores` that `compress.taylor.taylor_scores` accumulated over training batches."""
+
+    name = "taylor"
+
+    def __init__(self, scores: dict[nn.Module, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.scores = scores or {}
+
+    def owns(self, dep) -> bool:
+        return is_filter_producer(dep)
+
+
+class ChannelAttention(_Precomputed):
     """RemoteTrimmer's Channel Attention Pruning (seed 000): I = s_bar * |gamma|, with s_bar the
     mean sigmoid output of a squeeze-and-excitation probe trained after the BatchNorm
     (`compress.cap.channel_attention`). |gamma| rather than gamma: a negative scale carries as
@@ -211,7 +224,6 @@ class ChannelAttention(Criterion):
     folding of the attention into the BatchNorm."""
 
     name = "cap"
-    needs_data = True
 
     def __init__(self, s_bar: dict[nn.Module, torch.Tensor] | None = None) -> None:
         super().__init__()
@@ -219,15 +231,8 @@ class ChannelAttention(Criterion):
             self.scores = {bn: s.detach().float().cpu() * bn.weight.detach().abs().float().cpu()
                            for bn, s in (s_bar or {}).items()}
 
-    def layer_scores(self, group) -> list[LayerScore]:
-        out = []
-        for i, (dep, idxs) in enumerate(group):
-            if _is_bn_dep(dep) and dep.layer in self.scores:
-                out.append((dep.layer, self.scores[dep.layer][idxs], group[i].root_idxs))
-        return out
-
-    def fallback(self, group) -> list[LayerScore]:
-        return FilterL1().layer_scores(group)
+    def owns(self, dep) -> bool:
+        return _is_bn_dep(dep)
 
 
 class GroupMagnitude(Criterion):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from tiny_models import Tiny
 from torch import nn
 
 from rsedge.compress.importance import (
@@ -18,21 +19,6 @@ from rsedge.compress.importance import (
     RandomScores,
     Taylor,
 )
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 24, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(24)
-        self.fc = nn.Linear(24, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
 
 
 def _tiny(seed=0):

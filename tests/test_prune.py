@@ -1,26 +1,12 @@
 import pytest
 import torch
 import torch_pruning as tp
+from tiny_models import Tiny
 from torch import nn
 
 from rsedge.compress.counting import count_macs, count_params
 from rsedge.compress.importance import BNScale, FilterL1
 from rsedge.compress.prune import prune_model
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 24, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(24)
-        self.fc = nn.Linear(24, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
 
 
 def _group(model, layer):
