@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rsedge-installed
+# TORCH_INDEX=cpu: torch and torchvision from PyTorch's CPU-only wheel index first (no GPU: this
+# skips several GB of CUDA libraries); any other name of that index works too, e.g. cu126.
+TORCH_INDEX ?=
 
 .PHONY: setup demo test test-all lint clean
 
@@ -11,6 +14,8 @@ STAMP  := $(VENV)/.rsedge-installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet torch torchvision \
+		--index-url https://download.pytorch.org/whl/$(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[host,dev]'
 	@touch $@
 

@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
 # Benchmark every variant and precision of an rsedge bundle on this Jetson (or any CUDA machine).
 #
-#   benchmarks/bench_device.sh BUNDLE_DIR [--nvpmodel MODE] [--jetson-clocks] [--batch 1,8]
-#                              [--out DIR] [--] [more rsedge-bench options]
+#   benchmarks/bench_device.sh BUNDLE [--nvpmodel MODE] [--jetson-clocks] [--batch 1,8]
+#                              [--out DIR | --commit-results] [--] [more rsedge-bench options]
 #
-# It verifies the bundle, builds the engines this device lacks (FP32, FP16, INT8 where the GPU
-# has fast INT8), benchmarks and evaluates each one, and writes
-# benchmarks/results/<host>-<date>.{json,md}. With --nvpmodel / --jetson-clocks it switches the
-# power mode / locks the clocks first and restores both on exit, even after an error or Ctrl-C.
-# See runtime/README.md ("Benchmarking on the device") for the exact commands per JetPack.
+# BUNDLE is a bundle folder or the BUNDLE.tar.gz `rsedge bundle --tar` writes. The script
+# verifies it, builds the engines this device lacks (FP32, FP16, INT8 where the GPU has fast
+# INT8), benchmarks and evaluates each one, and writes <host>-<date>.{json,md}.
+#
+# options:
+#   --nvpmodel MODE    switch to this power mode first (sudo nvpmodel -m MODE); restored on exit
+#   --jetson-clocks    lock the clocks at their maximum first (sudo jetson_clocks); restored on exit
+#   --batch LIST       batch sizes to time, comma-separated (default: 1,8)
+#   --out DIR          folder for the results (default: benchmarks/work/results/, git-ignored)
+#   --commit-results   write into benchmarks/results/, the committed results, instead
+#   -h, --help         print this help
+#   -- ...             everything after -- goes to rsedge-bench (see rsedge-bench --help)
+#
+# Power mode and clocks are restored even after an error or Ctrl-C. See runtime/README.md
+# ("Benchmarking on the device") for the exact commands per JetPack.
 set -euo pipefail
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    # the comment block above, without its '#'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit "${1:-0}"
 }
 
@@ -20,7 +31,9 @@ BUNDLE=""
 MODE=""
 CLOCKS=0
 BATCH="1,8"
-OUT="$(cd "$(dirname "$0")" && pwd)/results"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+OUT=""
+COMMIT=0
 EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -29,13 +42,24 @@ while [ $# -gt 0 ]; do
         --jetson-clocks) CLOCKS=1; shift ;;
         --batch) BATCH="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
+        --commit-results) COMMIT=1; shift ;;
         --) shift; EXTRA+=("$@"); break ;;
         -*) echo "unknown option $1 (put rsedge-bench options after --)" >&2; usage 2 ;;
         *) if [ -z "$BUNDLE" ]; then BUNDLE="$1"; shift; else echo "one bundle at a time" >&2; usage 2; fi ;;
     esac
 done
 [ -n "$BUNDLE" ] || usage 2
-[ -f "$BUNDLE/manifest.json" ] || { echo "error: $BUNDLE has no manifest.json: not an rsedge bundle" >&2; exit 2; }
+case "$BUNDLE" in
+    *.tar.gz|*.tgz|*.tar) [ -f "$BUNDLE" ] || { echo "error: $BUNDLE does not exist" >&2; exit 2; } ;;
+    *) [ -f "$BUNDLE/manifest.json" ] || { echo "error: $BUNDLE has no manifest.json: not an rsedge bundle" >&2; exit 2; } ;;
+esac
+if [ -n "$OUT" ] && [ "$COMMIT" -eq 1 ]; then
+    echo "error: give --out DIR or --commit-results, not both" >&2
+    exit 2
+fi
+if [ -z "$OUT" ]; then
+    if [ "$COMMIT" -eq 1 ]; then OUT="$HERE/results"; else OUT="$HERE/work/results"; fi
+fi
 
 if command -v rsedge-bench >/dev/null 2>&1; then
     BENCH=(rsedge-bench)

@@ -6,6 +6,9 @@ agreement 1.0) and an INT8 Q/DQ top-1 drop <= 1 point against FP32 on the valida
 Every stage resumes: rerunning the same command continues where a stop left it.
 
     python benchmarks/bench_export.py --data ../shared/data/eurosat_rgb --subset 0.25 --epochs 3
+
+Results: export_<data>_<model>.{json,md} in benchmarks/work/results/, or in benchmarks/results/
+with --commit-results.
 """
 from __future__ import annotations
 
@@ -16,22 +19,29 @@ import shlex
 import sys
 from pathlib import Path
 
+from bench_output import Formatter, add_output_options, results_dir
+
 HERE = Path(__file__).resolve().parent
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "eurosat_rgb"))
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=3)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "eurosat_rgb"),
+                   help="image-folder dataset (one folder per class); default: the shared EuroSAT RGB")
+    p.add_argument("--model", default="resnet18", help="architecture of the registry (`rsedge models`)")
+    p.add_argument("--img-size", type=int, default=64, help="input side in pixels")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")
     p.add_argument("--subset", type=float, default=1.0, help="fraction of the training split used for training")
-    p.add_argument("--max-drop", type=float, default=1.0)
-    p.add_argument("--calib-size", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-drop", type=float, default=1.0, help="INT8 accuracy guard budget in top-1 points")
+    p.add_argument("--calib-size", type=int, default=512, help="INT8 calibration images from the training split")
+    p.add_argument("--seed", type=int, default=0, help="split, initialization and data-order seed")
     p.add_argument("--work", default=str(HERE / "work"), help="run directories (resumable)")
-    p.add_argument("--out", default=str(HERE / "results"))
-    args = p.parse_args(argv)
+    add_output_options(p, "--out")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     from rsedge.export.run import export_run, stratified_sample
     from rsedge.trainer.datasets import make_split, save_split
@@ -82,7 +92,7 @@ def main(argv=None) -> int:
                                    "attempts", "validation_images", "calibration_images", "size_vs_fp32")},
         "goals": goals,
     }
-    out = Path(args.out)
+    out = results_dir(args.out, args.commit_results)
     atomic_write_json(out / f"export_{tag}.json", result)
     lines = [
         f"# Export goals: {args.model} on {data.name}",

@@ -11,7 +11,8 @@ cancel), each round times
 
 for the same number of seconds on the same input, with the same ONNX Runtime options. The
 claim checked: the harness's median latency is within 3 % of the bare loop's. Results go to
-benchmarks/results/harness_overhead.{json,md} with the machine, versions, date and command.
+harness_overhead.{json,md} in benchmarks/work/results/ (benchmarks/results/ with --commit-results)
+with the machine, versions, date and command.
 
     python benchmarks/bench_harness_overhead.py [--size 224] [--rounds 8] [--seconds 3] [--threads N]
 """
@@ -24,6 +25,7 @@ import tempfile
 import time
 
 import numpy as np
+from bench_output import Formatter, add_output_options, results_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,9 +63,8 @@ def bare_loop(session, feed, warmup_s, seconds, iterations):
             return times
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter)
     p.add_argument("--size", type=int, default=224, help="input height and width")
     p.add_argument("--rounds", type=int, default=8, help="rounds; each times the harness and the bare loop once")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
@@ -71,8 +72,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="ONNX Runtime intra-op threads; 1 keeps a shared machine's other load from dominating the "
                         "noise (0: ORT's default)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for harness_overhead.json/.md")
-    args = p.parse_args(argv)
+    add_output_options(p, "--out", "harness_overhead.json/.md")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out = str(results_dir(args.out, args.commit_results))
 
     import onnxruntime as ort
 
@@ -138,8 +144,8 @@ def main(argv=None):
         "passed": passed,
         "conditions": cond,
     }
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "harness_overhead.json"), json.dumps(doc, indent=2) + "\n")
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(os.path.join(out, "harness_overhead.json"), json.dumps(doc, indent=2) + "\n")
     v = cond["versions"]
     md = [
         "# Harness overhead: rsedge-bench vs a bare onnxruntime loop",
@@ -161,10 +167,10 @@ def main(argv=None):
     md += ["", f"Overhead (median over rounds of harness/bare within the round): {overhead_pct:+.2f} %; "
                f"threshold 3 %: **{'pass' if passed else 'FAIL'}**. Medians over rounds: harness {harness:.3f} ms, "
                f"bare loop {bare:.3f} ms.", ""]
-    atomic_write_text(os.path.join(args.out, "harness_overhead.md"), "\n".join(md))
+    atomic_write_text(os.path.join(out, "harness_overhead.md"), "\n".join(md))
     print(f"harness {harness:.3f} ms vs bare {bare:.3f} ms; paired overhead {overhead_pct:+.2f} % -> "
           f"{'pass' if passed else 'FAIL'}")
-    print(f"wrote {os.path.join(args.out, 'harness_overhead.json')} and .md")
+    print(f"wrote {os.path.join(out, 'harness_overhead.json')} and .md")
     return 0 if passed else 1
 
 

@@ -7,8 +7,8 @@ Trains a baseline on a stratified subset of the data (the same split for every m
 each method: (l1rr: sparse training first) prune, fine-tune, export to ONNX and benchmark it with
 the device runtime (ONNX Runtime here; TensorRT on a Jetson through `bench_device.sh`). Every stage
 writes its run directory under `--work`; a rerun skips the stages whose record exists, so an
-interrupted run resumes. Results: `benchmarks/results/pruning_<arch>_<data>.{json,md}` with the
-command, machine, versions and date.
+interrupted run resumes. Results: `pruning_<arch>_<data>.{json,md}` with the command, machine,
+versions and date, in benchmarks/work/results/ (benchmarks/results/ with --commit-results).
 """
 import argparse
 import math
@@ -20,6 +20,8 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from bench_output import Formatter, add_output_options, results_dir
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["random", "l1", "bn-scale", "fpgm", "taylor", "cap", "group", "l1rr"]
@@ -35,9 +37,8 @@ PAPER = {
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter)
     p.add_argument("--arch", default="resnet18", help="architecture of the registry")
     p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "eurosat_rgb"),
                    help="image-folder dataset")
@@ -57,9 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--bench-rounds", type=int, default=5, help="interleaved latency rounds (median reported)")
     p.add_argument("--seed", type=int, default=0, help="split, initialization and data-order seed")
     p.add_argument("--work", default=str(HERE / "work"), help="run directories (resumable)")
-    p.add_argument("--results", default=str(HERE / "results"), help="where the json and md go")
+    add_output_options(p, "--results", "the json and md")
     p.add_argument("--label", default=None, help="free text printed above the table (e.g. 'short run')")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def subset_split(data, subset, seed, path, log):
@@ -227,7 +232,7 @@ def main(argv=None):
         "seconds": round(time.perf_counter() - t_start, 1),
         "rows": rows,
     }
-    results = Path(args.results)
+    results = results_dir(args.results, args.commit_results)
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(results / f"pruning_{tag}.json", doc)
     head = ["method", "paper", "test top-1", "top-1 right after pruning", "params", "MACs", "ONNX MB",

@@ -12,7 +12,8 @@ with the device runtime on this machine (ONNX Runtime, batch 1). CUDA is used fo
 present. Every stage writes its run directory under `--work` and is skipped when its record
 exists, so a stopped run continues where it was.
 
-Results: `benchmarks/results/remotetrimmer_eurosat_<model>.{json,md,png}`: per method accuracy,
+Results: `remotetrimmer_eurosat_<model>.{json,md,png}` in benchmarks/work/results/ (in
+benchmarks/results/ with --commit-results): per method accuracy,
 change against the baseline, params, MACs, ONNX MB, FP32 and INT8 median latency and FPS, the
 paper's numbers beside ours, the command, versions, machine and date; the PNG plots accuracy
 against latency with the Pareto front marked.
@@ -27,6 +28,8 @@ import shlex
 import sys
 import time
 from pathlib import Path
+
+from bench_output import Formatter, add_output_options, results_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,9 +71,8 @@ PAPER_NAMES = {"bn-scale": "BN", "l1": "L1-norm", "fpgm": "FPGM", "group": "DepG
                "cap": "CAP (Table II)", "cap+aml": "Ours (CAP + AML)", "baseline": "baseline"}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Formatter)
     p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "eurosat_rgb"),
                    help="EuroSAT RGB folder (one folder per class)")
     p.add_argument("--model", default="resnet18", choices=sorted(PAPER), help="architecture")
@@ -87,8 +89,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the benchmarks")
     p.add_argument("--seed", type=int, default=0, help="split, initialization and data-order seed")
     p.add_argument("--work", default=str(HERE / "work" / "remotetrimmer"), help="run directories (resumable)")
-    p.add_argument("--results", default=str(HERE / "results"), help="where the json, md and png go")
-    return p.parse_args(argv)
+    add_output_options(p, "--results", "the json, md and png")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def log(msg: str) -> None:
@@ -301,7 +307,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "cap_aml_within_half_point_of_baseline": None if cap_aml is None else cap_aml["delta_vs_baseline"] >= -0.005,
     }
-    out = Path(args.results)
+    out = results_dir(args.results, args.commit_results)
     stem = f"remotetrimmer_eurosat_{args.model}"
     atomic_write_json(out / f"{stem}.json", doc)
     plot(rows, out / f"{stem}.png",

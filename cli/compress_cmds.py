@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from .options import train_config
+from .options import add_fraction_option, train_config
 
 # the same tuple as rsedge.compress.prune.METHODS (a test checks): importing it would load torch
 # for `rsedge --help`
@@ -22,8 +22,12 @@ methods (the score of a channel; the lowest go):
   l1rr      |gamma| after `rsedge sparse-train --method l1rr`, one global threshold (seed 001);
             --threshold, --ratio, or --target-lfa (default 0.01, needs --data)
 
+how much: --ratio, --threshold, --target-lfa, or a budget --target-macs / --target-params
+(a fraction of the model's count in (0, 1), or a count above 1), for which the ratio is searched.
+
 examples:
   rsedge prune --model m.safetensors --out p --method l1 --ratio 0.5
+  rsedge prune --model m.safetensors --out p --method l1 --target-macs 0.3
   rsedge prune --model m.safetensors --out p --method cap --ratio 0.7 --data data/eurosat
   rsedge prune --model m.safetensors --out p --method taylor --ratio 0.5 --steps 5 --data data/eurosat
   rsedge prune --model sparse/model.safetensors --out p --method l1rr --target-lfa 0.01 \\
@@ -31,15 +35,27 @@ examples:
 """
 
 
+def prune_amount(args) -> tuple[float | None, float | None]:
+    """--ratio and --target-lfa after the defaults: 0.5, or --target-lfa 0.01 for l1rr, when the
+    user gave no amount at all."""
+    budget = args.target_macs is not None or args.target_params is not None
+    if budget and args.ratio is not None:
+        raise ValueError("give --ratio or --target-macs / --target-params, not both: the budget decides the ratio")
+    ratio, target_lfa = args.ratio, args.target_lfa
+    if ratio is not None or args.threshold is not None or target_lfa is not None or budget:
+        return ratio, target_lfa
+    if args.method != "l1rr":
+        return 0.5, None
+    if args.data is None:
+        raise ValueError("--method l1rr without --ratio or --threshold defaults to --target-lfa 0.01, which needs "
+                         "--data DIR (the training data folder); or give --ratio R or --threshold T")
+    return None, 0.01
+
+
 def cmd_prune(args) -> int:
     from rsedge.compress.prune import prune_run
 
-    ratio, target_lfa = args.ratio, args.target_lfa
-    if ratio is None and args.threshold is None and target_lfa is None:
-        if args.method == "l1rr":
-            target_lfa = 0.01
-        else:
-            ratio = 0.5
+    ratio, target_lfa = prune_amount(args)
     prune_run(args.model, args.out, method=args.method, ratio=ratio, round_to=args.round_to,
               global_pruning=args.global_pruning, data=args.data, threshold=args.threshold, target_lfa=target_lfa,
               min_channels=args.min_channels, max_ratio=args.max_ratio, exclude=args.exclude or (),
@@ -47,7 +63,9 @@ def cmd_prune(args) -> int:
               step_epochs=args.step_epochs, step_lr=args.step_lr, taylor_batches=args.taylor_batches,
               cap_epochs=args.cap_epochs, cap_samples=args.cap_samples, cap_lr=args.cap_lr,
               cap_train_model=args.cap_train_model, lfa_images=args.lfa_images, batch_size=args.batch_size,
-              workers=args.workers, seed=args.seed, device=args.device, progress=not args.quiet)
+              workers=args.workers, seed=args.seed, device=args.device, progress=not args.quiet,
+              target_macs=args.target_macs, target_params=args.target_params, fraction=args.fraction,
+              exist_ok=args.exist_ok)
     print(f"pruned model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
@@ -57,7 +75,8 @@ def cmd_sparse_train(args) -> int:
 
     sparse_train_run(args.model, args.data, args.out, method=args.method, cfg=train_config(args), sr=args.sr,
                      theta=args.theta, lambda_a=args.lambda_a, eps=args.eps, phase_epochs=args.phase_epochs,
-                     threshold=args.sparse_threshold, resume=args.resume, progress=not args.quiet)
+                     threshold=args.sparse_threshold, resume=args.resume, progress=not args.quiet,
+                     exist_ok=args.exist_ok)
     print(f"sparse-trained model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
@@ -67,7 +86,8 @@ def cmd_finetune(args) -> int:
 
     finetune_run(args.model, args.data, args.out, cfg=train_config(args), loss=args.loss, aml_r=args.aml_r,
                  resume=args.resume, progress=not args.quiet, kd_from=args.kd_from,
-                 kd_temperature=args.kd_temperature, kd_weight=args.kd_weight, preset=args.preset)
+                 kd_temperature=args.kd_temperature, kd_weight=args.kd_weight, preset=args.preset,
+                 exist_ok=args.exist_ok)
     print(f"fine-tuned model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
@@ -77,6 +97,7 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
                         epilog=PRUNE_METHODS_HELP)
     pr.add_argument("--model", required=True, help="model file to prune")
     pr.add_argument("--out", required=True, help="run directory for the pruned model and record.json")
+    pr.add_argument("--exist-ok", action="store_true", help="overwrite an existing run directory")
     pr.add_argument("--method", choices=PRUNE_METHODS, default="l1", help="channel criterion (see below)")
     amount = pr.add_argument_group("how much (one of)")
     amount.add_argument("--ratio", type=float, default=None,
@@ -87,6 +108,11 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
     amount.add_argument("--target-lfa", type=float, default=None,
                         help="bn-scale / l1rr: the largest gamma threshold whose feature-attention loss "
                         "stays within this (L1RR); needs --data")
+    amount.add_argument("--target-macs", type=float, default=None, metavar="X",
+                        help="MACs budget: a fraction in (0, 1) of the model's MACs or a count above 1; the "
+                        "smallest ratio that meets it is searched (bisection)")
+    amount.add_argument("--target-params", type=float, default=None, metavar="X",
+                        help="parameter budget, as --target-macs (both may be given)")
     amount.add_argument("--global", dest="global_pruning", action="store_true",
                         help="one ranking for the whole network instead of the same ratio in every layer")
     shapes = pr.add_argument_group("shapes")
@@ -121,7 +147,8 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
     crit.add_argument("--batch-size", type=int, default=64, help="images per batch")
     crit.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                       help="data-loading worker processes")
-    crit.add_argument("--seed", type=int, default=0, help="seed of random scores, probes and data order")
+    crit.add_argument("--seed", type=int, default=0, help="seed of random scores, probes, data order and --fraction")
+    add_fraction_option(crit, "the training images taylor, cap and --steps read")
     crit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     crit.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_prune)
@@ -131,6 +158,7 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
     s.add_argument("--model", required=True, help="model file to sparse-train (usually the trained baseline)")
     s.add_argument("--data", required=True, help="dataset root (the model's split is reused when it matches)")
     s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--exist-ok", action="store_true", help="overwrite an existing run directory")
     s.add_argument("--method", choices=("slimming", "l1rr"), default="l1rr",
                    help="slimming: L1 on gamma; l1rr: dynamic reweighted L1 x self-adaptive per-layer factor")
     s.add_argument("--sr", type=float, default=1e-4, help="slimming: L1 strength on gamma")
@@ -141,13 +169,14 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
                    help="l1rr: epochs per phase t (alpha and lambda refreshed at each phase); "
                    "default: epochs/10 rounded up (at most 10 phases)")
     s.add_argument("--sparse-threshold", type=float, default=0.01, help="|gamma| below this counts as sparse")
-    add_training_options(s, epochs=20, lr=0.01)
+    add_training_options(s, epochs=20, sgd_lr=0.01)
     s.set_defaults(func=cmd_sparse_train)
 
     f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the same split", formatter_class=formatter)
     f.add_argument("--model", required=True, help="model file to fine-tune")
     f.add_argument("--data", required=True, help="dataset root (the model's split is reused when it matches)")
     f.add_argument("--out", required=True, help="run directory")
+    f.add_argument("--exist-ok", action="store_true", help="overwrite an existing run directory")
     f.add_argument("--loss", choices=("ce", "aml"), default="ce",
                    help="ce: cross-entropy; aml: RemoteTrimmer's adaptive mining loss")
     f.add_argument("--aml-r", type=float, default=0.4, help="weight r of the cross-entropy term in AML")
@@ -158,5 +187,5 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
     f.add_argument("--preset", choices=("none", "remotetrimmer"), default="none",
                    help="remotetrimmer: the seed paper's schedule (SGD, lr 1e-3, x0.9 at 50 %% and 75 %% of the "
                    "epochs), overriding --optimizer, --lr, --schedule, --step-*")
-    add_training_options(f, epochs=10, lr=0.01)
+    add_training_options(f, epochs=10, sgd_lr=0.01)
     f.set_defaults(func=cmd_finetune)

@@ -6,12 +6,16 @@ works on a device where only the runtime is installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .compress_cmds import add_compress_parsers
 from .options import Formatter as _Formatter
+from .options import add_fraction_option as _add_fraction_option
 from .options import add_training_options as _add_training_options
 from .options import train_config as _train_config
 
@@ -22,16 +26,23 @@ typical flow:
   rsedge prune    --model runs/base/model.safetensors --method l1 --ratio 0.5 --out runs/pruned
   rsedge finetune --model runs/pruned/model.safetensors --data data/synth --epochs 5 --out runs/ft
   rsedge export   --model runs/ft/model.safetensors --out runs/onnx --int8 --calib-data data/synth
-  rsedge bench    runs/onnx/model.onnx runs/onnx/model_int8.onnx
+  rsedge bench    runs/onnx/model.onnx runs/onnx/model_int8_cpu.onnx
   rsedge bundle   --model runs/ft/model.safetensors --out bundle --tar   (then on the device: rsedge-bench bundle)
 or all of it at once: rsedge demo
 """
 
 
+def _version() -> str:
+    from rsedge.runtime import __version__
+
+    return __version__
+
+
 def cmd_data_synth(args) -> int:
     from rsedge.trainer.synth import make_synthetic_dataset
 
-    counts = make_synthetic_dataset(args.out, per_class=args.per_class, size=args.size, seed=args.seed)
+    counts = make_synthetic_dataset(args.out, per_class=args.per_class, size=args.size, seed=args.seed,
+                                    exist_ok=args.exist_ok)
     print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out}: {', '.join(counts)}")
     return 0
 
@@ -39,7 +50,13 @@ def cmd_data_synth(args) -> int:
 def cmd_data_check(args) -> int:
     from rsedge.trainer.datasets import make_split
 
-    split = make_split(args.data, val=args.val, test=args.test, seed=args.seed)
+    if args.fraction < 1 and args.out:
+        raise ValueError("--fraction checks a sample of the images: its split is no split to train on, so it "
+                         "cannot be written with --out")
+    split = make_split(args.data, val=args.val, test=args.test, seed=args.seed, fraction=args.fraction)
+    if "sample" in split:
+        print(f"--fraction {args.fraction:g}: checked {split['sample']['images']} of {split['sample']['of']} "
+              f"images, stratified by class")
     print(f"{split['root']}: {len(split['classes'])} classes; train {split['counts']['train']}, "
           f"val {split['counts']['val']}, test {split['counts']['test']}; {len(split['skipped'])} unreadable")
     for s in split["skipped"][:20]:
@@ -53,9 +70,9 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from rsedge.trainer.models import list_models
+    from .info import models_table
 
-    print("\n".join(list_models()))
+    print(models_table(args.img_size, args.classes))
     return 0
 
 
@@ -63,7 +80,8 @@ def cmd_train(args) -> int:
     from rsedge.trainer.run import train_run
 
     train_run(args.data, args.model, args.out, img_size=args.img_size, cfg=_train_config(args), weights=args.weights,
-              val=args.val, test=args.test, split_file=args.split, resume=args.resume, progress=not args.quiet)
+              val=args.val, test=args.test, split_file=args.split, resume=args.resume, progress=not args.quiet,
+              exist_ok=args.exist_ok, partial_weights=args.partial_weights)
     print(f"model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
@@ -72,7 +90,7 @@ def cmd_eval(args) -> int:
     from rsedge.trainer.run import eval_run
 
     eval_run(args.model, args.data, args.out, part=args.split, batch_size=args.batch_size, device=args.device,
-             progress=not args.quiet)
+             progress=not args.quiet, fraction=args.fraction, seed=args.seed)
     return 0
 
 
@@ -82,7 +100,7 @@ def cmd_export(args) -> int:
     export_run(args.model, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, simplifier=args.simplifier,
                int8=args.int8, calib_data=args.calib_data, calib_size=args.calib_size,
                calib_method=args.calib_method, data=args.data, max_drop=args.max_drop,
-               guard_images=args.guard_images)
+               guard_images=args.guard_images, exist_ok=args.exist_ok, fraction=args.fraction)
     return 0
 
 
@@ -97,14 +115,9 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import json
+    from .info import info_json, info_summary
 
-    from rsedge.trainer.modelfile import read_metadata
-
-    meta = read_metadata(args.model)
-    if not args.layout:
-        meta["layout"] = {k: f"{len(v)} entries" for k, v in meta.get("layout", {}).items()}
-    print(json.dumps(meta, indent=2))
+    print(info_json(args.model, args.layout) if args.json else info_summary(args.model, args.layout))
     return 0
 
 
@@ -122,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train, prune, fine-tune, export (ONNX, INT8), build (TensorRT) and benchmark.",
         epilog=EPILOG, formatter_class=_Formatter,
     )
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback on errors (also accepted after the command)")
+    p.add_argument("--version", action="version", version=f"rsedge {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("data", help="make or check datasets", formatter_class=_Formatter)
@@ -133,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-class", type=int, default=100, help="images per class")
     s.add_argument("--size", type=int, default=64, help="image side in pixels")
     s.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    s.add_argument("--exist-ok", action="store_true",
+                   help="write into a folder that holds an earlier `data synth` output (its images are deleted "
+                   "first); a folder with anything else in it is always refused")
     s.set_defaults(func=cmd_data_synth)
     c = dsub.add_parser("check", help="scan an image-folder dataset: classes, split sizes, unreadable files",
                         formatter_class=_Formatter)
@@ -141,9 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--test", type=float, default=0.2, help="test fraction per class")
     c.add_argument("--seed", type=int, default=0, help="split seed")
     c.add_argument("--out", help="also write split.json into this run directory")
+    _add_fraction_option(c, "the images (a quick look at a large folder; not with --out)")
     c.set_defaults(func=cmd_data_check)
 
-    m = sub.add_parser("models", help="list the architectures of the registry")
+    m = sub.add_parser("models", help="list the architectures of the registry with their params and MACs",
+                       formatter_class=_Formatter)
+    m.add_argument("--img-size", type=int, default=224, help="input side in pixels the MACs are counted at")
+    m.add_argument("--classes", type=int, default=10, help="number of classes of the head")
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("train", help="train a classifier on an image-folder dataset", formatter_class=_Formatter)
@@ -152,10 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--img-size", type=int, default=64, help="input side in pixels (EuroSAT is 64)")
     t.add_argument("--weights", help="initial weights: a local .safetensors or state-dict .pth (never downloaded)")
+    t.add_argument("--partial-weights", action="store_true",
+                   help="accept --weights of which fewer than 90 %% of the model's tensors (head excluded) load, "
+                   "or of which over 10 %% fit no layer (weights of another architecture)")
+    t.add_argument("--exist-ok", action="store_true", help="overwrite an existing run directory")
     t.add_argument("--val", type=float, default=0.1, help="validation fraction per class")
     t.add_argument("--test", type=float, default=0.2, help="test fraction per class")
     t.add_argument("--split", help="reuse this split.json instead of making a new split")
-    _add_training_options(t, epochs=30, lr=None)
+    _add_training_options(t, epochs=30)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a model file",
@@ -168,19 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=128, help="images per batch")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--seed", type=int, default=0, help="seed of --fraction")
+    _add_fraction_option(e, "the evaluated images")
     e.set_defaults(func=cmd_eval)
 
     add_compress_parsers(sub, _Formatter, _add_training_options)
 
     x = sub.add_parser("export", help="ONNX (+ INT8 Q/DQ) with parity check and metadata", formatter_class=_Formatter)
     x.add_argument("--model", required=True, help="model file to export")
-    x.add_argument("--out", required=True, help="output folder (model.onnx, model_int8.onnx, calib/, record.json)")
+    x.add_argument("--out", required=True,
+                   help="output folder (model.onnx, model_int8.onnx, model_int8_cpu.onnx, calib/, record.json)")
     x.add_argument("--opset", type=int, default=13, help="ONNX opset (TensorRT 8.2 on JetPack 4 parses up to 13)")
     x.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension instead of batch 1")
     x.add_argument("--simplifier", choices=("onnxslim", "onnxsim", "none"), default="onnxslim",
                    help="graph simplifier (its result is checked; on failure the plain graph is kept)")
     x.add_argument("--data", help="image folder for the parity check (default: the model's own split)")
-    x.add_argument("--int8", action="store_true", help="also write an INT8 Q/DQ ONNX (static quantization)")
+    x.add_argument("--int8", action="store_true",
+                   help="also write INT8 Q/DQ ONNX (static quantization): model_int8.onnx for TensorRT (int8 "
+                   "activations) and model_int8_cpu.onnx for ONNX Runtime's CPU kernels (uint8 activations)")
     x.add_argument("--calib-data", help="training data folder to draw calibration images from "
                    "(its training split when it is the model's folder)")
     x.add_argument("--calib-size", type=int, default=512, help="calibration images, stratified by class")
@@ -188,9 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range calibration")
     x.add_argument("--max-drop", type=float, default=None,
                    help="accuracy guard: keep the most quantization-sensitive layers in float until the INT8 "
-                   "top-1 drop on the validation split is at most this many points")
+                   "top-1 drop on the validation split is at most this many points (counted in whole images); "
+                   "an INT8 file that cannot meet it is not written")
     x.add_argument("--guard-images", type=int, default=1000,
                    help="validation images (stratified) the INT8 accuracy is measured on")
+    _add_fraction_option(x, "the training images the INT8 calibration set is drawn from (needs --int8)")
+    x.add_argument("--exist-ok", action="store_true", help="overwrite an existing run directory")
     x.set_defaults(func=cmd_export)
 
     bd = sub.add_parser("bundle", help="deployment bundle: FP32 + INT8 ONNX, calibration and evaluation data, "
@@ -216,9 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     bl = sub.add_parser("build", help="build a TensorRT engine from ONNX (needs TensorRT and a GPU)", add_help=False)
     bl.set_defaults(func=None, passthrough="build")
 
-    i = sub.add_parser("info", help="print a model file's metadata", formatter_class=_Formatter)
+    i = sub.add_parser("info", help="a model file in short: params, MACs, size, pruned layers, history",
+                       formatter_class=_Formatter)
     i.add_argument("model", help="model file")
-    i.add_argument("--layout", action="store_true", help="print the full pruned channel layout")
+    i.add_argument("--json", action="store_true", help="print the full metadata as JSON instead")
+    i.add_argument("--layout", action="store_true",
+                   help="every layer whose width changed (with --json: the full pruned channel layout)")
     i.set_defaults(func=cmd_info)
 
     dm = sub.add_parser("demo", help="the whole path on synthetic data, with a report table",
@@ -231,14 +268,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def _bench_torch_runner(path: str, threads: int | None = None, log=None):
+    """`rsedge bench MODEL.safetensors`: the host model as a runtime Runner, for a PyTorch row (the device has none)."""
+    from rsedge.export.bundle import preprocess_spec
+    from rsedge.runtime.backends_torch import TorchRunner
+    from rsedge.runtime.errors import RuntimeToolError
+    from rsedge.trainer.modelfile import load_model
+
+    try:
+        model, meta = load_model(path)
+    except Exception as e:  # noqa: BLE001 - safetensors and torch raise many types for a file that is no model
+        raise RuntimeToolError(f"cannot load {path} as an rsedge model file: {e}") from e
+    spec = preprocess_spec(meta)
+    return TorchRunner(model, (3,) + tuple(spec["input_size"]), device="auto", metadata=spec, threads=threads,
+                       model_path=str(path))
+
+
 def _passthrough(name: str, argv: list[str]) -> int:
     if name == "bench":
         from rsedge.runtime.cli import main as bench_main
 
-        return int(bench_main(argv, prog="rsedge bench") or 0)
+        return int(bench_main(argv, prog="rsedge bench", model_loader=_bench_torch_runner) or 0)
     from rsedge.runtime.trt_build import main_build
 
     return int(main_build(argv, prog="rsedge build") or 0)
+
+
+@contextlib.contextmanager
+def _no_empty_out_on_failure(out: str | None):
+    """A failed command leaves no empty run directory behind: the folders it created for `--out`
+    (the folder and any parents that did not exist) are removed when they hold no file."""
+    created = []
+    p = Path(out).absolute() if out else None
+    while p is not None and not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    try:
+        yield
+    except BaseException:
+        for d in created:  # the deepest first
+            if not d.is_dir() or any(not f.is_dir() for f in d.rglob("*")):
+                break
+            shutil.rmtree(d)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,12 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and rest[0] in ("bench", "build"):
         return _passthrough(rest[0], rest[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _no_empty_out_on_failure(getattr(args, "out", None)):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

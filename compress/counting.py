@@ -46,3 +46,13 @@ def count_macs(model: nn.Module, input_size: Sequence[int], channels: int = 3) -
             h.remove()
         model.train(was_training)
     return int(total)
+
+
+def architecture_counts(arch: str, num_classes: int, input_size: Sequence[int]) -> dict[str, int]:
+    """Parameters and MACs of an unpruned registry architecture, built on the meta device: shapes
+    only, no memory and no arithmetic, so even vgg16_bn at 224 px costs a fraction of a second."""
+    from rsedge.trainer.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(arch, num_classes)
+    return {"params": count_params(model), "macs": count_macs(model, input_size)}

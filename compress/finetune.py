@@ -8,7 +8,8 @@ from typing import Any, Callable
 from rsedge.trainer.datasets import check_classes
 from rsedge.trainer.modelfile import derive_meta, load_model, save_model
 from rsedge.trainer.records import read_json, write_record
-from rsedge.trainer.run import datasets_for, format_per_class, split_for_model, write_eval_outputs
+from rsedge.trainer.run import datasets_for, format_per_class, open_run_dir, split_for_model, write_eval_outputs
+from rsedge.trainer.sampling import subsample_dataset
 from rsedge.trainer.train import TrainConfig, evaluate, fit, pick_device
 
 from .losses import adaptive_mining_loss, distillation_loss
@@ -44,10 +45,12 @@ def finetune_run(
     kd_temperature: float = 4.0,
     kd_weight: float = 0.5,
     preset: str | None = None,
+    exist_ok: bool = False,
 ) -> dict[str, Any]:
     """`kd_from`: an (unpruned) model file whose logits the student also matches, with weight
     `kd_weight` against (1 - kd_weight) for the hard-label loss. `preset="remotetrimmer"` sets
-    the seed paper's optimizer and schedule over `cfg`."""
+    the seed paper's optimizer and schedule over `cfg`. A run already in `out` is refused unless
+    `resume` (continue it) or `exist_ok` (overwrite it)."""
     cfg = apply_preset(cfg or TrainConfig(epochs=5, lr=0.01), preset).resolved()
     if loss not in LOSSES:
         raise ValueError(f"--loss must be one of {', '.join(LOSSES)}")
@@ -55,8 +58,7 @@ def finetune_run(
         raise ValueError(f"--kd-weight must be between 0 and 1, not {kd_weight}")
     if kd_temperature <= 0:
         raise ValueError(f"--kd-temperature must be positive, not {kd_temperature}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run_dir(out, resume=resume, exist_ok=exist_ok, log=log)
     final = out / "model.safetensors"
     if resume and final.is_file() and (out / "record.json").is_file():
         log(f"{final} exists: fine-tuning already finished")
@@ -64,6 +66,7 @@ def finetune_run(
     model, meta = load_model(model_file)
     split = split_for_model(meta, data, out, seed=cfg.seed, progress=progress, log=log)
     train_ds, val_ds, test_ds = datasets_for(split, meta["input_size"], meta["normalization"])
+    train_ds, fraction = subsample_dataset(train_ds, cfg.fraction, cfg.seed, meta["classes"], log)
     loss_fn = None
     if loss == "aml":
         loss_fn = lambda logits, y, x: adaptive_mining_loss(logits, y, aml_r)  # noqa: E731
@@ -99,7 +102,7 @@ def finetune_run(
     )
     model, history = fit(model, train_ds, val_ds, cfg, out, new_meta, resume=resume, loss_fn=loss_fn,
                          progress=progress, log=log)
-    result = evaluate(model, test_ds, meta["classes"], pick_device(cfg.device), workers=cfg.workers)
+    result = evaluate(model, test_ds, meta["classes"], pick_device(cfg.device), workers=cfg.workers, log=log)
     new_meta["metrics"] = {"test_top1": result["top1"], "val_top1": history[-1]["val_top1"] if history else None}
     save_model(final, model.cpu(), new_meta)
     write_eval_outputs(out, result, meta["classes"], f"{meta['arch']} fine-tuned, test split")
@@ -108,9 +111,11 @@ def finetune_run(
         "inputs": {"model": str(Path(model_file).resolve()), "data": split["root"]},
         "parameters": {"loss": loss, "aml_r": aml_r if loss == "aml" else None, "preset": preset,
                        "distillation": teacher_info, **asdict(cfg)},
+        "fraction": fraction,
         "history": history,
-        "test": {k: result[k] for k in ("top1", "samples", "per_class")},
-        "outputs": {"model": final.name, "confusion": "confusion.png"},
+        "test": {k: result[k] for k in ("top1", "samples", "per_class", "skipped_images")},
+        "outputs": {"model": final.name, "confusion": "confusion.png", "results": "results.csv",
+                    "curves": "results.png"},
     }
     write_record(out, "finetune", record)
     (out / "checkpoint.safetensors").unlink(missing_ok=True)

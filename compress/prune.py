@@ -10,6 +10,7 @@ with residual reconstruction, one per branch (`compress.reconstruct`).
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +97,7 @@ def prune_network(
     before = {"params": count_params(model), "macs": count_macs(model, input_size)}
     ignored = list(classifier_layers(model, num_classes)) + list(ignored) + excluded_layers(model, exclude)
     plan = build_units(model, example, crit, ignored, coupling, original)
+    gamma = score_distribution(plan, threshold) if threshold is not None else None
     select(plan, ratio=ratio, threshold=threshold, global_ranking=global_pruning, round_to=round_to,
            min_channels=min_channels, max_ratio=max_ratio)
     comp = compensate(plan, compensate_inputs) if compensate_inputs is not None else None
@@ -127,9 +129,32 @@ def prune_network(
                    "residual_branch": u.residual, **({"note": u.note} if u.note else {})} for u in plan.units],
         "reconstructed_adds": rewritten,
         "compensation": comp,
+        "gamma_distribution": gamma,
         "warnings": warnings,
     }
     return model, report
+
+
+QUANTILES = {"min": 0.0, "q01": 0.01, "q05": 0.05, "q25": 0.25, "median": 0.5, "max": 1.0}
+
+
+def score_distribution(plan, threshold: float) -> dict[str, Any] | None:
+    """Quantiles of the scores a threshold is compared with (|gamma|, the largest over the
+    BatchNorms that write a channel) and how many channels are at or below it: what a user needs
+    to choose a threshold that removes something."""
+    scored = [u.scores for u in plan.units if u.scores is not None]
+    if not scored:
+        return None
+    s = torch.cat(scored).double()
+    q = torch.quantile(s, torch.tensor(list(QUANTILES.values()), dtype=torch.float64))
+    return {"channels": int(s.numel()), **{k: float(v) for k, v in zip(QUANTILES, q)},
+            "threshold": threshold, "at_or_below_threshold": int((s <= threshold).sum())}
+
+
+def format_distribution(d: dict[str, Any]) -> str:
+    qs = ", ".join(f"{k} {d[k]:.3g}" for k in QUANTILES)
+    return (f"|gamma| over {d['channels']} channels: {qs}; {d['at_or_below_threshold']} at or below "
+            f"the threshold {d['threshold']:.3g}")
 
 
 def prune_model(
@@ -157,9 +182,10 @@ class _Data:
     """The training data a data-driven method reads: the model's own split when it applies."""
 
     def __init__(self, data, out: Path, meta: dict[str, Any], seed: int, batch_size: int, workers: int,
-                 progress: bool, log: Callable[[str], None]):
+                 progress: bool, log: Callable[[str], None], fraction: float = 1.0):
         from rsedge.trainer.datasets import check_classes, load_split, resolve_split
         from rsedge.trainer.run import datasets_for
+        from rsedge.trainer.sampling import subsample_dataset
 
         split_file = meta.get("split")
         if split_file and Path(split_file).is_file() and Path(load_split(split_file)["root"]) != Path(data).resolve():
@@ -169,6 +195,8 @@ class _Data:
         check_classes(meta["classes"], self.split["classes"], what=f"folder {self.split['root']}")
         self.train, self.val, _ = datasets_for(self.split, meta["input_size"], meta["normalization"])
         self.train_eval, _, _ = datasets_for(self.split, meta["input_size"], meta["normalization"], augment=False)
+        self.train, self.fraction = subsample_dataset(self.train, fraction, seed, meta["classes"], log)
+        self.train_eval, _ = subsample_dataset(self.train_eval, fraction, seed)
         self.seed, self.batch_size, self.workers = seed, batch_size, workers
 
     def loader(self, ds, shuffle: bool, epoch: int = 0):
@@ -259,6 +287,64 @@ def _search_lfa(model: nn.Module, meta: dict[str, Any], crit: Criterion, ignored
     return best, {"target": target, "images": len(images), "fa_sparse": fa_sparse, "chosen": chosen, "curve": curve}
 
 
+MAX_SEARCH_RATIO = 0.99
+
+
+def budget_targets(target_macs: float | None, target_params: float | None,
+                   before: dict[str, int]) -> dict[str, int]:
+    """Absolute budgets from `--target-macs` / `--target-params`: a fraction of the model's
+    count in (0, 1), or a count above 1."""
+    out = {}
+    for key, value in (("macs", target_macs), ("params", target_params)):
+        if value is None:
+            continue
+        if not (0 < value < 1 or value > 1):
+            raise ValueError(f"--target-{key} must be a fraction in (0, 1) of the model's {key} or a count "
+                             f"above 1, not {value:g}")
+        out[key] = int(value * before[key]) if value < 1 else int(value)
+        if out[key] >= before[key]:
+            raise ValueError(f"the model has {before[key]:,} {key}, already within --target-{key} {out[key]:,}: "
+                             f"nothing to prune")
+    return out
+
+
+def search_budget(model: nn.Module, crit: Criterion, targets: dict[str, int], before: dict[str, int],
+                  prune_kw: dict[str, Any], log: Callable[[str], None], tol: float = 1e-3,
+                  ) -> tuple[float, dict[str, Any]]:
+    """The smallest ratio whose pruned model meets every budget in `targets`: bisection on the
+    (uniform or global) ratio, each trial pruning a copy of the model with a copy of the
+    criterion (the same scores), so the counts are exactly those of the final model."""
+    trials: list[dict[str, Any]] = []
+
+    def counts(r: float) -> dict[str, int]:
+        m, c = copy.deepcopy((model, crit))
+        _, rep = prune_network(m, ratio=r, criterion=c, **prune_kw)
+        trials.append({"ratio": round(r, 6), **rep["after"]})
+        return rep["after"]
+
+    def meets(after: dict[str, int]) -> bool:
+        return all(after[k] <= v for k, v in targets.items())
+
+    want = ", ".join(f"{k} <= {v:,} ({v / before[k]:.1%})" for k, v in targets.items())
+    log(f"searching the pruning ratio for {want}")
+    lo, hi = 0.0, MAX_SEARCH_RATIO
+    best = counts(hi)
+    if not meets(best):
+        raise ValueError(f"even --ratio {hi} leaves {', '.join(f'{best[k]:,} {k}' for k in targets)}: the budget "
+                         f"{want} is out of reach under --min-channels / --max-ratio / --round-to / --exclude")
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        after = counts(mid)
+        if meets(after):
+            hi, best = mid, after
+        else:
+            lo = mid
+    info = {"requested": dict(targets), "requested_fraction": {k: v / before[k] for k, v in targets.items()},
+            "ratio": hi, "predicted": best, "trials": trials}
+    log(f"ratio {hi:.4f} meets the budget: params {best['params']:,}, MACs {best['macs']:,}")
+    return hi, info
+
+
 def prune_run(
     model_file: str | Path,
     out: str | Path,
@@ -290,22 +376,35 @@ def prune_run(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    fraction: float = 1.0,
+    exist_ok: bool = False,
 ) -> dict[str, Any]:
+    """`exist_ok`: overwrite a run already in `out` (refused otherwise).
+    `target_macs` / `target_params`: a budget (fraction of the model's count in (0, 1), or a
+    count) instead of a ratio; the ratio that meets it is searched. `fraction`: the part of the
+    training images the data-driven criteria and the fine-tuning steps read."""
+    from rsedge.trainer.sampling import check_fraction
     from rsedge.trainer.train import TrainConfig, fit, pick_device
 
     if method not in METHODS:
         raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    if threshold is not None or target_lfa is not None:
+    check_fraction(fraction)
+    budget = target_macs is not None or target_params is not None
+    if threshold is not None or target_lfa is not None or budget:
         ratio = None
     if threshold is not None and target_lfa is not None:
         raise ValueError("give --threshold or --target-lfa, not both")
+    if budget and (threshold is not None or target_lfa is not None):
+        raise ValueError("--target-macs / --target-params search a ratio: not with --threshold or --target-lfa")
     if (threshold is not None or target_lfa is not None) and method not in THRESHOLD_METHODS:
         raise ValueError(f"--threshold and --target-lfa need a threshold method ({', '.join(THRESHOLD_METHODS)}), "
                          f"not {method}")
-    if ratio is None and threshold is None and target_lfa is None:
-        raise ValueError("give --ratio, --threshold or --target-lfa")
-    if method == "l1rr" and ratio is not None and not global_pruning:
-        log("l1rr cuts every layer at one gamma threshold: --ratio is applied globally")
+    if ratio is None and threshold is None and target_lfa is None and not budget:
+        raise ValueError("give --ratio, --threshold, --target-lfa, --target-macs or --target-params")
+    if method == "l1rr" and (ratio is not None or budget) and not global_pruning:
+        log("l1rr cuts every layer at one gamma threshold: the ratio is applied globally")
         global_pruning = True
     needs_data = method in ("taylor", "cap") or target_lfa is not None or steps > 1
     if needs_data and data is None:
@@ -314,10 +413,11 @@ def prune_run(
         raise ValueError(f"{why} needs --data DIR: the training data folder (its training split is read)")
     if steps < 1:
         raise ValueError("--steps must be at least 1")
-    if steps > 1 and (ratio is None or coupling != "shared"):
-        raise ValueError("--steps > 1 needs --ratio and --coupling shared")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if steps > 1 and ((ratio is None and not budget) or coupling != "shared"):
+        raise ValueError("--steps > 1 needs --ratio (or a --target-*) and --coupling shared")
+    from rsedge.trainer.run import open_run_dir
+
+    out = open_run_dir(out, exist_ok=exist_ok, log=log)
     model, meta = load_model(model_file)
     if meta.get("layout", {}).get("graph"):
         raise ValueError("this model was already pruned with --coupling reconstruct; prune the unpruned model instead")
@@ -325,15 +425,23 @@ def prune_run(
                                     for h in meta.get("history", [])):
         log("warning: this model was not sparse-trained with l1rr (`rsedge sparse-train --method l1rr`): "
             "its BatchNorm scales are not sparse, so a gamma threshold removes useful channels")
+    warnings = []
+    if method == "bn-scale" and (threshold is not None or target_lfa is not None) and not any(
+            h.get("stage") == "sparse-train" for h in meta.get("history", [])):
+        warnings.append("this model was not sparse-trained (`rsedge sparse-train --method slimming`): its "
+                        "|gamma| are not pushed toward zero, so a small --threshold removes few or no channels")
+        log(f"warning: {warnings[-1]}")
     dev = pick_device(device)
     torch.manual_seed(seed)
-    ds = _Data(data, out, meta, seed, batch_size, workers, progress, log) if data is not None else None
+    ds = _Data(data, out, meta, seed, batch_size, workers, progress, log, fraction) if data is not None else None
     opts = {"taylor_batches": taylor_batches, "cap_epochs": cap_epochs, "cap_samples": cap_samples, "cap_lr": cap_lr,
             "cap_train_model": cap_train_model, "seed": seed}
     select_kw = {"round_to": round_to, "min_channels": min_channels, "max_ratio": max_ratio}
     num_classes = len(meta["classes"])
     original_widths = conv_widths(model)
     before = {"params": count_params(model), "macs": count_macs(model, meta["input_size"])}
+    targets = budget_targets(target_macs, target_params, before) if budget else {}
+    budget_info = None
     comp_inputs = None
     if compensate_bias:
         comp_inputs = (ds.tensors(ds.train_eval, 64)[0] if ds is not None
@@ -346,6 +454,12 @@ def prune_run(
         r_k = ratio * k / steps if ratio is not None else None
         crit, crit_info = _prepare_criterion(method, model, ds, opts, dev, progress, log)
         model.cpu()
+        if targets and k == 1:
+            ratio, budget_info = search_budget(model, crit, targets, before, dict(
+                input_size=meta["input_size"], num_classes=num_classes, method=method, round_to=round_to,
+                global_pruning=global_pruning, min_channels=min_channels, max_ratio=max_ratio, exclude=exclude,
+                coupling=coupling, seed=seed), log)
+            r_k = ratio / steps
         thr = threshold
         if target_lfa is not None:
             thr, lfa_info = _search_lfa(model, meta, crit, excluded_layers(model, exclude), ds, target_lfa,
@@ -368,9 +482,18 @@ def prune_run(
             (out / f"step{k}" / "checkpoint.safetensors").unlink(missing_ok=True)
             step_log[-1]["finetune"] = hist
             model.cpu()
-    for w in report["warnings"]:
-        log(f"warning: {w}")
     after = report["after"]
+    report["warnings"] = warnings + report["warnings"] + _threshold_notes(report, log)
+    if budget_info is not None:
+        budget_info["achieved"] = {k: after[k] for k in ("params", "macs")}
+        budget_info["achieved_fraction"] = {k: after[k] / before[k] for k in ("params", "macs")}
+        missed = [k for k, v in targets.items() if after[k] > v]
+        if missed:
+            report["warnings"].append(f"the pruned model misses the budget on {', '.join(missed)} (the ratio was "
+                                      f"searched on one-shot pruning; --steps re-scores between steps)")
+    report["budget"] = budget_info
+    for w in report["warnings"][len(warnings):]:
+        log(f"warning: {w}")
     final_widths = conv_widths(model)
     rows = {r["layer"]: r for r in report["layers"]}
     layers = [{"layer": n, "channels_before": c0, "channels_after": final_widths.get(n, c0),
@@ -386,7 +509,7 @@ def prune_run(
     parameters = {"method": method, "ratio": ratio, "threshold": report["threshold"], "target_lfa": target_lfa,
                   "round_to": round_to, "min_channels": min_channels, "max_ratio": max_ratio, "global": global_pruning,
                   "coupling": coupling, "exclude": list(exclude), "compensate": compensate_bias, "steps": steps,
-                  "seed": seed}
+                  "seed": seed, "target_macs": target_macs, "target_params": target_params, "fraction": fraction}
     if method == "taylor":
         parameters["taylor_batches"] = taylor_batches
     if method == "cap":
@@ -397,7 +520,8 @@ def prune_run(
     new_meta = derive_meta(
         meta,
         "prune",
-        history_entry={**{k: v for k, v in parameters.items() if v not in (None, [], False)},
+        history_entry={**{k: v for k, v in parameters.items()
+                          if v not in (None, [], False) and not (k == "fraction" and v == 1)},
                        "source": str(Path(model_file).resolve())},
         metrics={"val_top1_before_finetune": evaluation} if evaluation is not None else {},
     )
@@ -411,11 +535,24 @@ def prune_run(
             **report,
             "steps": step_log,
             "feature_attention": lfa_info,
+            "fraction": ds.fraction if ds is not None else None,
             "val_top1_before_finetune": evaluation,
             "outputs": {"model": path.name},
         },
     )
     return report
+
+
+def _threshold_notes(report: dict[str, Any], log: Callable[[str], None]) -> list[str]:
+    """Show the |gamma| distribution a threshold cut; a warning when it removed nothing."""
+    d = report.get("gamma_distribution")
+    if d is None:
+        return []
+    log(format_distribution(d))
+    if report["pruned_channel_fraction"] > 0:
+        return []
+    return [f"--threshold {d['threshold']:.3g} removed no channel: the smallest |gamma| is {d['min']:.3g} "
+            f"(1 % quantile {d['q01']:.3g}); choose a threshold from the distribution above, or prune by --ratio"]
 
 
 def eval_run_quiet(out: Path, data, model: nn.Module, meta: dict[str, Any], log) -> float | None:

@@ -144,12 +144,15 @@ def sparse_train_run(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    exist_ok: bool = False,
 ) -> dict[str, Any]:
     """The `sparse-train` stage: train on the model's split with the sparsity penalty, record the
-    sparsity per phase (l1rr) or per epoch (slimming)."""
+    sparsity per phase (l1rr) or per epoch (slimming). A run already in `out` is refused unless
+    `resume` or `exist_ok`."""
     from rsedge.trainer.modelfile import derive_meta, load_model, save_model
     from rsedge.trainer.records import atomic_write_json, read_json, write_record
-    from rsedge.trainer.run import datasets_for, format_per_class, split_for_model, write_eval_outputs
+    from rsedge.trainer.run import datasets_for, format_per_class, open_run_dir, split_for_model, write_eval_outputs
+    from rsedge.trainer.sampling import subsample_dataset
     from rsedge.trainer.train import TrainConfig, evaluate, fit, pick_device
 
     if method not in METHODS:
@@ -162,8 +165,7 @@ def sparse_train_run(
         log(f"warning: {n_phases} phases of {phase_epochs} epoch(s); L1RR uses at most 10 (raise --phase-epochs)")
     if method == "l1rr" and n_phases < 2:
         log("warning: one phase only: the first phase is unregularized, so nothing is sparsified")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run_dir(out, resume=resume, exist_ok=exist_ok, log=log)
     final = out / "model.safetensors"
     if resume and final.is_file() and (out / "record.json").is_file():
         log(f"{final} exists: sparse training already finished")
@@ -173,6 +175,7 @@ def sparse_train_run(
         raise ValueError("this model was pruned with --coupling reconstruct; sparse-train the unpruned model")
     split = split_for_model(meta, data, out, seed=cfg.seed, progress=progress, log=log)
     train_ds, val_ds, test_ds = datasets_for(split, meta["input_size"], meta["normalization"])
+    train_ds, fraction = subsample_dataset(train_ds, cfg.fraction, cfg.seed, meta["classes"], log)
     state_file = out / "sparse_state.json"
     phases = read_json(state_file)["phases"] if resume and state_file.is_file() else None
     epoch_log: list[dict[str, Any]] = []
@@ -201,7 +204,7 @@ def sparse_train_run(
     reg._bind(model)
     final_sparsity = reg.summary()
     log(f"final model sparsity (|gamma| < {threshold}): {final_sparsity['rho']:.3f}")
-    result = evaluate(model, test_ds, meta["classes"], pick_device(cfg.device), workers=cfg.workers)
+    result = evaluate(model, test_ds, meta["classes"], pick_device(cfg.device), workers=cfg.workers, log=log)
     new_meta["metrics"] = {"test_top1": result["top1"], "val_top1": history[-1]["val_top1"] if history else None,
                            "bn_sparsity": final_sparsity["rho"]}
     save_model(final, model.cpu(), new_meta)
@@ -212,9 +215,11 @@ def sparse_train_run(
         "parameters": {**params, **asdict(cfg)},
         "phases": [{k: v for k, v in p.items() if k != "alpha"} for p in reg.phases],
         "final_sparsity": final_sparsity,
+        "fraction": fraction,
         "history": history,
-        "test": {k: result[k] for k in ("top1", "samples", "per_class")},
-        "outputs": {"model": final.name, "confusion": "confusion.png"},
+        "test": {k: result[k] for k in ("top1", "samples", "per_class", "skipped_images")},
+        "outputs": {"model": final.name, "confusion": "confusion.png", "results": "results.csv",
+                    "curves": "results.png"},
     }
     write_record(out, "sparse-train", record)
     (out / "checkpoint.safetensors").unlink(missing_ok=True)

@@ -2,9 +2,11 @@
 
 The device builds (and ideally calibrates) its own engines, because engines and calibration
 caches are not portable across GPUs and TensorRT versions. So the bundle carries sources, not
-engines: the FP32 ONNX, the INT8 Q/DQ ONNX, the exact calibration tensors, a small preprocessed
+engines: the FP32 ONNX, an INT8 Q/DQ ONNX for TensorRT and one for ONNX Runtime's CPU kernels
+(each only if the accuracy guard accepted it), the exact calibration tensors, a small preprocessed
 evaluation set, labels and the preprocessing spec, and a manifest with every file's SHA-256 that
-the runtime checks before it builds or runs anything.
+the runtime checks before it builds or runs anything. Each variant says which backend it is made
+for (`target`); the device runs those made for the backend it has.
 """
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ from .run import export_run, preprocess_items, split_items, stratified_sample
 
 FP32_NAME = "model_fp32.onnx"
 INT8_NAME = "model_int8_qdq.onnx"
+INT8_CPU_NAME = "model_int8_cpu.onnx"
+# export record key -> (variant name, file in the bundle); the device tells them apart by `target`
+INT8_VARIANTS = {"int8": ("int8-qdq", INT8_NAME), "int8_cpu": ("int8-cpu", INT8_CPU_NAME)}
+GUARD_KEYS = ("status", "reason", "target", "precision", "fp32_top1", "int8_top1", "fp32_correct", "int8_correct",
+              "images_lost", "drop_points", "max_drop", "budget_images", "resolution_points", "resolves_budget",
+              "validation_images", "kept_in_float", "quantized_nodes", "quantizable_nodes", "quantized_fraction")
 
 
 def preprocess_spec(meta: dict[str, Any]) -> dict[str, Any]:
@@ -39,6 +47,25 @@ def preprocess_spec(meta: dict[str, Any]) -> dict[str, Any]:
         "color": "RGB",
         "resize": "resize",
     }
+
+
+def int8_variants(record: dict[str, Any], export_dir: Path, out: Path, log: Callable[[str], None]
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Copy the INT8 files the guard accepted; (their manifest variants, the rejected ones and why)."""
+    variants, rejected = [], []
+    for key, (name, file_name) in INT8_VARIANTS.items():
+        rec = record.get(key)
+        if rec is None:
+            continue
+        if rec["status"] != "written":
+            rejected.append({"name": name, "target": rec["target"], "reason": rec["reason"]})
+            log(f"warning: the bundle carries no {name} variant (for {rec['target']}): {rec['reason']}")
+            continue
+        shutil.copyfile(export_dir / rec["file"], out / file_name)
+        variants.append({"name": name, "onnx": file_name, "precision": "int8", "target": rec["target"],
+                         "label": rec["precision"],
+                         "int8_nodes": f"{rec['quantized_nodes']}/{rec['quantizable_nodes']}"})
+    return variants, rejected
 
 
 def bundle_run(
@@ -57,13 +84,13 @@ def bundle_run(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: a bundle is written into a new folder")
-    out.mkdir(parents=True, exist_ok=True)
     _, meta = load_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:
         record = export_run(model_file, tmp, opset=opset, dynamic_batch=dynamic_batch, int8=True, calib_data=data,
                             calib_size=calib_size, calib_method=calib_method, data=data, max_drop=max_drop, log=log)
+        out.mkdir(parents=True, exist_ok=True)  # only now: a failed export leaves no empty bundle folder
         shutil.copyfile(Path(tmp) / "model.onnx", out / FP32_NAME)
-        shutil.copyfile(Path(tmp) / "model_int8.onnx", out / INT8_NAME)
+        variants, rejected = int8_variants(record, Path(tmp), out, log)
         shutil.copytree(Path(tmp) / "calib", out / "calib")
         atomic_write_json(out / "export_record.json", json.loads((Path(tmp) / "record.json").read_text()))
     src = split_items(meta, data, "test")
@@ -79,10 +106,8 @@ def bundle_run(
     description = {
         "versions": versions(),
         "model": {"arch": meta["arch"], "source": str(Path(model_file).resolve()), "metrics": meta.get("metrics", {})},
-        "variants": [
-            {"name": "fp32", "onnx": FP32_NAME, "precision": "fp32"},
-            {"name": "int8-qdq", "onnx": INT8_NAME, "precision": "int8"},
-        ],
+        "variants": [{"name": "fp32", "onnx": FP32_NAME, "precision": "fp32"}] + variants,
+        "rejected_variants": rejected,
         "preprocess": "preprocess.json",
         "labels": "labels.json",
         "calibration": {"dir": "calib", "cache": None, "images": record["int8"]["calibration_images"],
@@ -90,7 +115,8 @@ def bundle_run(
         "eval": {"images": "eval/images.npy", "labels": "eval/labels.npy", "count": int(len(labels)),
                  "split": "test"},
         "export": {"parity": record["onnx"]["parity"], "int8_guard": {
-            k: record["int8"][k] for k in ("fp32_top1", "int8_top1", "drop_points", "max_drop", "kept_in_float")}},
+            INT8_VARIANTS[key][0]: {k: record[key].get(k) for k in GUARD_KEYS} for key in INT8_VARIANTS
+            if key in record}},
     }
     manifest = write_manifest(str(out), description)
     verify_manifest(str(out))

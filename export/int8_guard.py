@@ -8,17 +8,26 @@ calibration chose, and each weight against its int8 copy. A node's score is its 
 (a tensor stays float only when its producer and consumers all do); the lowest scores go back
 to float first, 1, 2, 4, 8... nodes per attempt, so a model with one bad layer costs a few
 quantizations, not one per layer.
+
+The budget is compared in whole images, never in floating-point points: with 100 validation
+images, 19 % against 18 % is one image lost, which a budget of 1 point allows, although
+100 * (0.19 - 0.18) is 1.0000000000000009 in floating point. A file is shipped only if it meets the
+budget and still has compute nodes in int8; otherwise it is rejected, not written, and the record
+says why.
 """
 from __future__ import annotations
 
+import math
 import tempfile
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from .onnx_export import run_onnx
-from .quantize import preprocess_for_quantization, quantize_qdq
+from .onnx_graph import int8_coverage
+from .quantize import int8_metadata, preprocess_for_quantization, quantize_qdq
 
 
 def sqnr_db(signal: np.ndarray, approx: np.ndarray) -> float:
@@ -133,7 +142,7 @@ def node_sensitivity(float_onnx: str | Path, qdq_onnx: str | Path, images: np.nd
     return rows
 
 
-def _write_with_metadata(qdq: Path, out_path: Path, fp32_onnx: str | Path) -> None:
+def _write_with_metadata(qdq: Path, out_path: Path, fp32_onnx: str | Path, target: str) -> None:
     """The pre-processing pass may drop metadata_props: the device needs them, so copy them."""
     import onnx
 
@@ -143,14 +152,94 @@ def _write_with_metadata(qdq: Path, out_path: Path, fp32_onnx: str | Path) -> No
 
     model = onnx.load(str(qdq))
     props = {p.key: p.value for p in onnx.load(str(fp32_onnx)).metadata_props}
-    if props:
-        props["rsedge.precision"] = "int8-qdq"
-        set_metadata(model, props)
+    props.update(int8_metadata(target, int8_coverage(qdq)))
+    set_metadata(model, props)
     atomic_write_bytes(out_path, model.SerializeToString())
 
 
-def top1(path: str | Path, images: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(run_onnx(path, images).argmax(1) == labels)) if len(labels) else 0.0
+def budget_images(max_drop: float, n: int) -> int:
+    """How many of `n` images the INT8 model may lose against FP32 for a budget of `max_drop`
+    points, in exact decimal arithmetic: the user's 1 (or 0.3) is read as the decimal they typed."""
+    return math.floor(Fraction(repr(float(max_drop))) * n / 100)
+
+
+def guard_budget(max_drop: float | None, n: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The budget in images and whether `n` images can resolve it; warns when one image is worth
+    more points than the budget (the guard then allows no image lost, stricter than asked)."""
+    if max_drop is None:
+        return {"budget_images": None, "resolution_points": 100 / n if n else None, "resolves_budget": None}
+    if max_drop < 0:
+        raise ValueError(f"--max-drop must be at least 0 points, not {max_drop}")
+    if n == 0:
+        raise ValueError("the INT8 accuracy guard needs labeled validation images")
+    resolves = max_drop == 0 or Fraction(100, n) <= Fraction(repr(float(max_drop)))
+    budget = {"budget_images": budget_images(max_drop, n), "resolution_points": 100 / n, "resolves_budget": resolves}
+    if not resolves:
+        log(f"warning: the INT8 guard's evaluation set is too small to resolve --max-drop {max_drop}: one of its {n} "
+            f"images is {100 / n:.3g} points, so the guard allows no image lost (0 points), stricter than asked; "
+            f"at least {math.ceil(100 / max_drop)} validation images resolve it (--guard-images, or a larger "
+            "validation split)")
+    return budget
+
+
+class _Attempts:
+    """Quantizations of one pre-processed graph for one target, each scored in whole images."""
+
+    def __init__(self, pre: Path, calib: np.ndarray, val_images: np.ndarray, val_labels: np.ndarray,
+                 fp32_correct: int, budget: int | None, method: str, target: str, log: Callable[[str], None]):
+        self.pre, self.calib, self.images, self.labels = pre, calib, val_images, val_labels
+        self.fp32_correct, self.budget, self.method, self.target, self.log = fp32_correct, budget, method, target, log
+        self.all: list[dict[str, Any]] = []
+
+    def run(self, excluded: list[str]) -> dict[str, Any]:
+        n = len(self.labels)
+        path = self.pre.with_name(f"q{len(self.all)}.onnx")
+        info = quantize_qdq(self.pre, path, self.calib, self.method, exclude_nodes=excluded, preprocess=False,
+                            target=self.target, log=self.log)
+        correct = int(np.sum(run_onnx(path, self.images).argmax(1) == self.labels)) if n else 0
+        lost = self.fp32_correct - correct
+        a = {"n": len(self.all) + 1, "excluded": list(excluded), "int8_correct": correct,
+             "int8_top1": correct / n if n else 0.0, "images_lost": lost,
+             "drop_points": 100 * lost / n if n else 0.0,
+             "within_budget": self.budget is None or lost <= self.budget,
+             "quantized_nodes": info["quantized_nodes"], "quantizable_nodes": info["quantizable_nodes"],
+             "path": path, "info": info}
+        self.all.append(a)
+        if n:
+            self.log(f"INT8 ({self.target}) attempt {a['n']}: {len(excluded)} node(s) in float, "
+                     f"{a['quantized_nodes']}/{a['quantizable_nodes']} compute nodes int8, top-1 {correct}/{n} "
+                     f"(FP32 {self.fp32_correct}/{n}), {lost} image(s) lost = {a['drop_points']:.2f} points")
+        return a
+
+    def search(self, sensitivity_images: int) -> list[dict[str, Any]]:
+        """Plain quantization first; while over budget, the worst 1, 2, 4... nodes go to float."""
+        current = self.run([])
+        if current["within_budget"]:
+            return []
+        sensitivity = node_sensitivity(self.pre, current["path"], self.calib[:sensitivity_images])
+        order = [r["node"] for r in sensitivity]
+        k = 1
+        while not current["within_budget"] and k <= len(order):
+            current = self.run(order[:k])
+            if k == len(order):
+                break
+            k = min(2 * k, len(order))
+        return sensitivity
+
+    def choose(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """(the attempt to ship or None, the attempt the record describes)."""
+        chosen = next((a for a in self.all if a["within_budget"] and a["quantized_nodes"] > 0), None)
+        best = chosen or max(self.all, key=lambda a: (a["within_budget"], a["int8_correct"], a["quantized_nodes"]))
+        return chosen, best
+
+
+def _rejection(best: dict[str, Any], max_drop: float | None, budget: dict[str, Any], n: int) -> str:
+    if best["within_budget"]:
+        return ("every compute node had to stay in float to meet the budget: the file would hold no int8"
+                if best["excluded"] else "quantization put no compute node in int8")
+    return (f"no attempt met --max-drop {max_drop} ({budget['budget_images']} of {n} images): the best lost "
+            f"{best['images_lost']} image(s) ({best['drop_points']:.2f} points) with {len(best['excluded'])} "
+            "node(s) in float")
 
 
 def quantize_with_guard(
@@ -163,52 +252,49 @@ def quantize_with_guard(
     method: str = "minmax",
     sensitivity_images: int = 32,
     log: Callable[[str], None] = print,
+    target: str = "tensorrt",
+    fp32_predictions: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Quantize; with `max_drop` (points of top-1), evaluate on the validation arrays and put the
-    most sensitive nodes back to float until the drop is within it. The record lists every
-    attempt; the file written is the first attempt within budget, else the best one."""
+    """Quantize for `target`; with `max_drop` (points of top-1), evaluate on the validation arrays
+    and put the most sensitive nodes back to float until the images lost are within it. The file
+    written is the first attempt within budget that still has int8 compute nodes; when there is
+    none, nothing is written and the record's status is "rejected" with the reason. The record
+    lists every attempt. `fp32_predictions` (FP32 class per validation image) saves a second FP32
+    evaluation when several targets are guarded on the same images."""
     out_path = Path(out_path)
+    n = int(len(val_labels))
+    budget = guard_budget(max_drop, n, log)
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         preprocess_for_quantization(fp32_onnx, pre, log)
-        fp32_top1 = top1(fp32_onnx, val_images, val_labels)
-        attempts: list[dict[str, Any]] = []
-
-        def attempt(excluded: list[str]) -> dict[str, Any]:
-            path = Path(tmp) / f"q{len(attempts)}.onnx"
-            info = quantize_qdq(pre, path, calib, method, exclude_nodes=excluded, preprocess=False, log=log)
-            acc = top1(path, val_images, val_labels)
-            a = {"excluded": list(excluded), "int8_top1": acc, "drop_points": 100 * (fp32_top1 - acc),
-                 "path": path, "info": info}
-            attempts.append(a)
-            if len(val_labels):
-                log(f"INT8 attempt {len(attempts)}: {len(excluded)} node(s) in float, top-1 {acc:.4f} "
-                    f"(FP32 {fp32_top1:.4f}, drop {a['drop_points']:.2f} points)")
-            return a
-
-        current = attempt([])
-        sensitivity: list[dict[str, Any]] = []
-        if max_drop is not None and current["drop_points"] > max_drop:
-            sensitivity = node_sensitivity(pre, current["path"], calib[:sensitivity_images])
-            order = [r["node"] for r in sensitivity]
-            k = 1
-            while current["drop_points"] > max_drop and k <= len(order):
-                current = attempt(order[:k])
-                if k == len(order):
-                    break
-                k = min(2 * k, len(order))
-        within = [a for a in attempts if max_drop is None or a["drop_points"] <= max_drop]
-        chosen = within[0] if within else max(attempts, key=lambda a: a["int8_top1"])
-        _write_with_metadata(chosen["path"], out_path, fp32_onnx)
+        if fp32_predictions is None:
+            fp32_predictions = run_onnx(fp32_onnx, val_images).argmax(1) if n else np.zeros(0, np.int64)
+        fp32_correct = int(np.sum(fp32_predictions == val_labels))
+        attempts = _Attempts(pre, calib, val_images, val_labels, fp32_correct, budget["budget_images"], method, target,
+                             log)
+        sensitivity = attempts.search(sensitivity_images)
+        chosen, best = attempts.choose()
+        if chosen is not None:
+            _write_with_metadata(chosen["path"], out_path, fp32_onnx, target)
+    coverage = {k: best["info"][k] for k in ("quantized_nodes", "quantizable_nodes", "quantized_fraction",
+                                             "activation_types")}
     return {
-        **chosen["info"],
-        "fp32_top1": fp32_top1,
-        "int8_top1": chosen["int8_top1"],
-        "drop_points": chosen["drop_points"],
+        **best["info"],
+        "status": "written" if chosen is not None else "rejected",
+        "reason": None if chosen is not None else _rejection(best, max_drop, budget, n),
+        "file": out_path.name if chosen is not None else None,
+        "precision": int8_metadata(target, coverage)["rsedge.precision"] if chosen is not None else None,
+        "fp32_top1": fp32_correct / n if n else 0.0,
+        "fp32_correct": fp32_correct,
+        "int8_top1": best["int8_top1"],
+        "int8_correct": best["int8_correct"],
+        "images_lost": best["images_lost"],
+        "drop_points": best["drop_points"],
         "max_drop": max_drop,
-        "within_budget": max_drop is None or chosen["drop_points"] <= max_drop,
-        "kept_in_float": chosen["excluded"],
-        "attempts": [{k: v for k, v in a.items() if k not in ("path", "info")} for a in attempts],
+        **budget,
+        "within_budget": best["within_budget"],
+        "kept_in_float": best["excluded"],
+        "attempts": [{k: v for k, v in a.items() if k not in ("path", "info")} for a in attempts.all],
         "sensitivity": [{k: r[k] for k in ("node", "op", "sqnr_db", "worst_tensor")} for r in sensitivity[:50]],
-        "validation_images": int(len(val_labels)),
+        "validation_images": n,
     }

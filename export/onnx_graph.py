@@ -75,3 +75,31 @@ def graph_stats(path: str | Path) -> dict[str, Any]:
         "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
         "file_bytes": Path(path).stat().st_size,
     }
+
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# onnxruntime's QOperator format: compute nodes that are int8 by their operator
+INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
+
+
+def int8_coverage(path: str | Path) -> dict[str, Any]:
+    """How much of a quantized graph really runs in int8: its compute nodes (Conv, ConvTranspose,
+    Gemm, MatMul) whose data and weight inputs both come from a DequantizeLinear, plus integer
+    operators (QLinearConv...), out of all its compute nodes. Quantization keeps every compute node
+    of the FP32 graph, so the denominator is the FP32 graph's count; a node kept in float by the
+    guard has float inputs."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    compute = [n for n in graph.node if n.op_type in COMPUTE_OPS + INTEGER_OPS]
+    quantized = [n for n in compute if n.op_type in INTEGER_OPS or (
+        len(n.input) > 1 and all(producer.get(i) == "DequantizeLinear" for i in n.input[:2]))]
+    inits = {i.name: i.data_type for i in graph.initializer}
+    # the zero point of an activation QuantizeLinear says its type: int8 (TensorRT) or uint8 (CPU)
+    activation_types = sorted({onnx.helper.tensor_dtype_to_np_dtype(inits[n.input[2]]).name for n in graph.node
+                               if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits
+                               and n.input[0] not in inits})
+    return {"quantized_nodes": len(quantized), "quantizable_nodes": len(compute),
+            "quantized_fraction": len(quantized) / len(compute) if compute else 0.0,
+            "activation_types": activation_types}

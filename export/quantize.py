@@ -1,8 +1,14 @@
-"""INT8 Q/DQ ONNX with onnxruntime's static quantization, in TensorRT's convention.
+"""INT8 Q/DQ ONNX with onnxruntime's static quantization, in two conventions, one per backend.
 
-TensorRT's explicit quantization wants symmetric int8 (zero point 0) for weights, per output
-channel, and for activations, as QuantizeLinear/DequantizeLinear pairs: exactly what this writes,
-so the same file runs in ONNX Runtime on the host and builds an INT8 engine on the device.
+- `tensorrt`: TensorRT's explicit quantization wants symmetric int8 (zero point 0) for weights,
+  per output channel, and for activations, as QuantizeLinear/DequantizeLinear pairs. ONNX Runtime
+  runs that file too, but its x86 and ARM kernels are made for uint8 activations: there the
+  symmetric int8 file can be slower than FP32.
+- `onnxruntime`: what onnxruntime recommends for its CPU kernels: uint8 activations with their
+  own zero point, int8 weights per channel (U8S8 Q/DQ), and 7-bit weights (`reduce_range`): x86
+  CPUs without VNNI multiply u8 x s8 pairs with VPMADDUBSW, whose 16-bit sums saturate with 8-bit
+  weights (2 x 255 x 127 > 32767) and cannot with 7-bit ones (2 x 255 x 63 < 32767). The file is
+  meant to run on any CPU the user deploys to, so it is made safe for the ones without VNNI.
 """
 from __future__ import annotations
 
@@ -16,6 +22,38 @@ import numpy as np
 from rsedge.trainer.records import atomic_write_bytes
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+TARGETS = ("tensorrt", "onnxruntime")
+# the `rsedge.precision` of a file with every compute node in int8, per target
+PRECISION = {"tensorrt": "int8-qdq", "onnxruntime": "int8-qdq-u8s8"}
+
+
+def target_settings(target: str) -> dict[str, Any]:
+    """quantize_static's arguments for one target, and their description for the record."""
+    from onnxruntime.quantization import QuantType
+
+    if target == "tensorrt":
+        return {"args": {"activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, "reduce_range": False,
+                         "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True}},
+                "activations": "int8 symmetric", "weights": "int8 symmetric, per channel"}
+    if target == "onnxruntime":
+        return {"args": {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": True,
+                         "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True}},
+                "activations": "uint8 asymmetric", "weights": "int8 symmetric, per channel, 7-bit range (reduce_range)"}
+    raise ValueError(f"INT8 target must be one of {', '.join(TARGETS)}, not {target!r}")
+
+
+def int8_metadata(target: str, coverage: dict[str, Any]) -> dict[str, str]:
+    """Labels that say what the file really holds: a file with no compute node in int8 is not
+    labelled INT8, one with some in float says how many are int8."""
+    q, n = coverage["quantized_nodes"], coverage["quantizable_nodes"]
+    if q == 0:
+        precision = "fp32 (no node quantized)"
+    elif q < n:
+        precision = f"{PRECISION[target]} ({q}/{n} nodes int8)"
+    else:
+        precision = PRECISION[target]
+    return {"rsedge.precision": precision, "rsedge.target": target, "rsedge.int8_nodes": f"{q}/{n}",
+            "rsedge.int8_fraction": f"{coverage['quantized_fraction']:.4f}"}
 
 
 class _ArrayReader:
@@ -55,13 +93,18 @@ def quantize_qdq(
     per_channel: bool = True,
     exclude_nodes: Sequence[str] = (),
     preprocess: bool = True,
+    target: str = "tensorrt",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Quantize `fp32_onnx` to Q/DQ. `exclude_nodes` names nodes of the graph after
-    onnxruntime's pre-processing pass; a caller that names nodes runs `preprocess_for_quantization`
-    itself and passes its output with `preprocess=False`."""
+    """Quantize `fp32_onnx` to Q/DQ for `target` (tensorrt or onnxruntime). `exclude_nodes` names
+    nodes of the graph after onnxruntime's pre-processing pass; a caller that names nodes runs
+    `preprocess_for_quantization` itself and passes its output with `preprocess=False`."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    from .onnx_graph import int8_coverage
+
+    settings = target_settings(target)
     if method not in CALIB_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, not {method!r}")
     if len(calib_images) == 0:
@@ -83,23 +126,24 @@ def quantize_qdq(
         quantize_static(
             str(pre), str(q_tmp), _ArrayReader(input_name, calib_images.astype(np.float32), batch),
             quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            calibrate_method=cal, nodes_to_exclude=list(exclude_nodes),
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            calibrate_method=cal, nodes_to_exclude=list(exclude_nodes), **settings["args"],
         )
         q = onnx.load(str(q_tmp))
+        coverage = int8_coverage(q_tmp)
     # metadata_props survive neither pass reliably: copy them from the FP32 graph
     from .onnx_export import set_metadata
 
     props = {p.key: p.value for p in model.metadata_props}
-    props["rsedge.precision"] = "int8-qdq"
+    props.update(int8_metadata(target, coverage))
     set_metadata(q, props)
     atomic_write_bytes(out_path, q.SerializeToString())
     return {
         "format": "QDQ",
-        "weights": "int8 symmetric, per channel" if per_channel else "int8 symmetric, per tensor",
-        "activations": "int8 symmetric",
+        "target": target,
+        "weights": settings["weights"] if per_channel else settings["weights"].replace("per channel", "per tensor"),
+        "activations": settings["activations"],
         "calibration_method": method,
         "calibration_images": int(len(calib_images)),
         "excluded_nodes": list(exclude_nodes),
+        **coverage,
     }

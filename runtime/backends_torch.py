@@ -1,8 +1,9 @@
 """PyTorch backend (host only): the reference the exported models are compared against.
 
 It takes an already-built `torch.nn.Module` from host code (the host rebuilds architectures
-from its own pickle-free model files), so nothing here loads or deserializes models. torch is
-imported only when a runner is created, never by importing this module.
+from its own pickle-free model files), so nothing here loads or deserializes models: the host's
+`rsedge bench` hands rsedge-bench a loader that builds a TorchRunner from a .safetensors file.
+torch is imported only when a runner is loaded, never by importing this module.
 """
 
 import numpy as np
@@ -14,10 +15,14 @@ from .errors import BackendUnavailable
 class TorchRunner(Runner):
     backend = "pytorch"
 
-    def __init__(self, module, input_shape, device=None, metadata=None, input_name="input", output_name="logits"):
-        """input_shape: the per-sample shape, e.g. (3, 64, 64); device: "cpu", "cuda" or None for the module's."""
+    def __init__(self, module, input_shape, device=None, metadata=None, input_name="input", output_name="logits",
+                 threads=None, model_path=None):
+        """input_shape: the per-sample shape, e.g. (3, 64, 64); device: "cpu", "cuda", "auto" (CUDA where there is
+        one) or None for the module's; threads: torch's intra-op threads (None: torch's default)."""
         Runner.__init__(self)
         self.module = module
+        self.threads = threads
+        self.model_path = model_path
         self.input_shape = tuple(int(d) for d in input_shape)
         self.device = device
         self.metadata = dict(metadata or {})
@@ -30,6 +35,10 @@ class TorchRunner(Runner):
         except ImportError as e:
             raise BackendUnavailable("the PyTorch backend needs torch (host only)") from e
         self._torch = torch
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device is None:
             try:
                 self.device = str(next(self.module.parameters()).device)
@@ -38,7 +47,7 @@ class TorchRunner(Runner):
         self.module = self.module.to(self.device).eval()
         self._cuda = str(self.device).startswith("cuda")
         self.info = {"backend": self.backend, "provider": str(self.device), "precision": "fp32",
-                     "torch": torch.__version__}
+                     "torch": torch.__version__, "threads": torch.get_num_threads()}
         self.loaded = True
         return self
 

@@ -1,20 +1,23 @@
 """A deployment bundle on the device: verify it, build the engines it lacks, list what to benchmark.
 
-Layout (written by the host's bundle writer): manifest.json, the ONNX variants (fp32 and a Q/DQ
-int8), preprocess.json, labels.json, calib/calib_*.npy, eval/images.npy + eval/labels.npy.
+Layout (written by the host's bundle writer): manifest.json, the ONNX variants (fp32, and Q/DQ
+int8 ones each with the backend it is made for in `target`: "tensorrt" or "onnxruntime"),
+preprocess.json, labels.json, calib/calib_*.npy, eval/images.npy + eval/labels.npy.
 Engines built here go to engines/<variant>-<precision>-b<max>.engine with a JSON sidecar;
 engines/ is not covered by the manifest.
 
 Which engines: the fp32 variant at FP32 and FP16, and at INT8 by calibration where the GPU has
 fast INT8 and TensorRT still has calibrators; the Q/DQ variant at INT8 where the GPU has fast
 INT8. On a TX2 or Nano (no fast INT8) the INT8 builds are skipped with that reason: their FP16
-fallback would be the fp32 variant's FP16 engine again.
+fallback would be the fp32 variant's FP16 engine again. A variant made for ONNX Runtime's CPU
+kernels (uint8 activations) gets no engine; without TensorRT, ONNX Runtime runs fp32 and it.
 """
 
 import json
 import os
 
 from . import sidecar as sidecar_mod
+from . import trt_compat
 from .errors import RuntimeToolError
 from .manifest import verify_manifest
 from .preprocess import normalize_metadata
@@ -80,6 +83,27 @@ class Bundle:
         return os.path.join(self.directory, ENGINE_DIR, name)
 
 
+def _weak_typing(caps):
+    version = caps.get("tensorrt_version")
+    return True if not version else trt_compat.TrtFeatures(version).weak_typing
+
+
+def variants_for(bundle, backend):
+    """(variants made for `backend`, [(variant, why not)] for the others).
+
+    A variant without a `target` (fp32, or an int8 variant of a bundle written before targets
+    existed) runs on every backend.
+    """
+    chosen, skipped = [], []
+    for v in bundle.variants:
+        target = v.get("target")
+        if target is None or target == backend:
+            chosen.append(v)
+        else:
+            skipped.append((v, "made for {}, not {}".format(target, backend)))
+    return chosen, skipped
+
+
 def plan_engines(bundle, caps, batch, precisions=None):
     """[{variant, onnx, precision, int8_from, engine, skip}] for this device's capabilities.
 
@@ -87,7 +111,7 @@ def plan_engines(bundle, caps, batch, precisions=None):
     engine precisions (None: every one the device supports).
     """
     items = []
-    for v in bundle.variants:
+    for v in variants_for(bundle, "tensorrt")[0]:
         if v.get("precision") == "int8":
             candidates = [("int8", "qdq")]
         else:
@@ -98,6 +122,9 @@ def plan_engines(bundle, caps, batch, precisions=None):
             skip = None
             if precision == "fp16" and not caps["fast_fp16"]:
                 skip = "this GPU has no fast FP16"
+            elif precision == "fp16" and not _weak_typing(caps):
+                skip = ("TensorRT {} is strongly typed: an FP32 graph builds FP32 only (convert the ONNX to FP16 "
+                        "to build FP16)".format(caps.get("tensorrt_version")))
             elif precision == "int8" and not caps["fast_int8"]:
                 skip = "this GPU has no fast INT8 (Jetson TX2 and Nano do not): FP16 is the fastest it offers"
             elif source == "calib" and not caps["calibrators"]:

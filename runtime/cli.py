@@ -6,10 +6,12 @@ onnxruntime for ONNX files.
 
 import argparse
 import os
+import shutil
 import sys
 
 from . import __version__, benchmark, report
-from .bundle import Bundle, ensure_engines, is_bundle
+from .archive import ARCHIVE_SUFFIXES, extract_bundle, is_bundle_archive
+from .bundle import Bundle, ensure_engines, is_bundle, variants_for
 from .errors import BackendUnavailable, RuntimeToolError
 from .trt_compat import parse_batch
 
@@ -18,13 +20,19 @@ EPILOG = """examples:
   rsedge-bench fp32.onnx pruned-int8.engine --batch 1,8 one table, speed-up against the first
   rsedge-bench model.engine --eval data/EuroSAT/val     latency + top-1 on a labeled folder (<class>/<image>)
   rsedge-bench bundle/ --json r.json --md r.md         verify, build missing engines, benchmark + evaluate all
+  rsedge-bench --eval bundle.tar.gz                     the archive `rsedge bundle --tar` writes, extracted to bundle/
+  rsedge-bench base/model.onnx pruned/model.onnx        rows labelled base/model.onnx and pruned/model.onnx
+  rsedge bench runs/ft/model.safetensors runs/onnx/model.onnx   (host only) a PyTorch row next to the ONNX one
 
 Timing follows trtexec: warm-up for --warmup seconds, then at least --iterations runs and at least
---duration seconds; latency percentiles are nearest-rank, CV = std/mean in percent, throughput =
-runs/s x batch. On a Jetson, tegrastats is sampled during each timed run for power and GPU load.
+--duration seconds; latency (per batch) mean / min / max and nearest-rank percentiles, CV = std/mean
+in percent. "thr img/s (wall)" is the wall-clock throughput: batch x timed runs / wall time of the
+timed loop, not batch / median latency. On a Jetson, tegrastats is sampled during each timed run for
+power and GPU load.
 """
 
 _BUNDLE_EVAL = "<bundle eval set>"
+MODEL_FILE_EXTENSIONS = (".safetensors",)
 
 
 def _int_list(text):
@@ -42,8 +50,9 @@ def build_parser(prog="rsedge-bench"):
                                 "ONNX models, TensorRT engines and rsedge bundles on this device.",
                                 epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help=".onnx file, TensorRT engine (.engine/.plan) or bundle directory; several give one "
-                        "comparison table with the speed-up against the first")
+                   help=".onnx file, TensorRT engine (.engine/.plan), bundle directory or bundle archive "
+                        "(.tar.gz), or (host `rsedge bench` only) an rsedge model file (.safetensors, run with "
+                        "PyTorch); several give one comparison table with the speed-up against the first")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
                    help="auto: TensorRT for .engine/.plan, ONNX Runtime for .onnx (the choice and the reason are "
                         "printed)")
@@ -68,7 +77,7 @@ def build_parser(prog="rsedge-bench"):
                    help="tegrastats sampling interval")
     p.add_argument("--eval", nargs="?", const=_BUNDLE_EVAL, default=None, metavar="DIR",
                    help="also measure top-1 accuracy on DIR/<class>/<image>; bundles are evaluated on their own "
-                        "evaluation set without it")
+                        "evaluation set without it (`--eval BUNDLE` runs BUNDLE, it is not taken as DIR)")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate bundles")
     p.add_argument("--eval-batch", type=int, default=32, help="batch size for evaluation (capped by the model's)")
     p.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate only the first N images")
@@ -96,7 +105,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+        if (not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS))
                 or "default" in text):
             return text
         default = action.default
@@ -121,12 +130,13 @@ def _providers(args):
 
 
 def run_model(path, args, log, label=None, evaluate=None, backend=None):
+    """Benchmark one model file (or an already made Runner) and evaluate it as --eval asks."""
     from .evaluate import evaluate_folder_with
 
     if evaluate is None and args.eval:
         if args.eval == _BUNDLE_EVAL:
             raise RuntimeToolError("--eval without a folder needs a bundle (it uses the bundle's evaluation set); "
-                                   f"for {path} give --eval DIR")
+                                   "for {} give --eval DIR".format(label or path))
         folder = args.eval
 
         def evaluate(runner):
@@ -141,7 +151,9 @@ def run_model(path, args, log, label=None, evaluate=None, backend=None):
 
 
 def run_bundle(directory, args, log):
-    """Verify, build what is missing (TensorRT) or fall back to ONNX Runtime, then benchmark every variant."""
+    """Verify, build what is missing (TensorRT) or fall back to ONNX Runtime, then benchmark every variant
+    made for the backend in use (TensorRT: engines from fp32 and the TensorRT Q/DQ; ONNX Runtime:
+    fp32 and the CPU INT8 variant)."""
     from .evaluate import evaluate_arrays, load_eval_arrays
 
     bundle = Bundle.open(directory, log=log)
@@ -164,6 +176,10 @@ def run_bundle(directory, args, log):
         log(f"TensorRT is not usable here ({e}); benchmarking the bundle's ONNX variants with ONNX Runtime "
             "instead")
         caps = None
+    backend = "tensorrt" if caps is not None else "onnxruntime"
+    chosen, skipped = variants_for(bundle, backend)
+    for v, why in skipped:
+        log("{}: not run here: {}".format(v["name"], why))
     if caps is not None:
         build_batch = parse_batch(args.build_batch or str(max(args.batch)))
         precisions = [p.strip() for p in args.precisions.split(",")] if args.precisions else None
@@ -184,7 +200,7 @@ def run_bundle(directory, args, log):
         if not models:
             raise RuntimeToolError(f"no engine could be built or found in {directory}")
     else:
-        for v in bundle.variants:
+        for v in chosen:
             models.append((bundle.path(v["onnx"]), "{}:{} (onnx)".format(name, v["name"])))
     runs = []
     for path, label in models:
@@ -193,30 +209,111 @@ def run_bundle(directory, args, log):
     return runs
 
 
-def main(argv=None, prog="rsedge-bench"):
+def _is_bundle_path(path):
+    """A bundle folder, or an archive name (even a missing one: no image folder is called x.tar.gz)."""
+    return is_bundle(path) or path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def parse_args(parser, argv):
+    """argparse, except that `--eval BUNDLE` is read as "--eval, and BUNDLE is a model".
+
+    --eval takes an optional DIR, so argparse alone would take the bundle for the folder to
+    evaluate on and find no model. Options and models may be mixed where Python has
+    parse_intermixed_args (3.7+).
+    """
+    end = argv.index("--") if "--" in argv else len(argv)
+    out = []
+    for i, arg in enumerate(argv):
+        if i < end and arg == "--eval" and i + 1 < end and _is_bundle_path(argv[i + 1]):
+            arg = "--eval=" + _BUNDLE_EVAL
+        elif i < end and arg.startswith("--eval=") and _is_bundle_path(arg[len("--eval="):]):
+            out.append("--eval=" + _BUNDLE_EVAL)
+            arg = arg[len("--eval="):]
+        out.append(arg)
+    parse = getattr(parser, "parse_intermixed_args", parser.parse_args)
+    return parse(out)
+
+
+def _label_path(model):
+    """The path a row's label comes from: an archive stands for the folder it is extracted to."""
+    if is_bundle_archive(model):
+        from .archive import archive_stem
+
+        return os.path.join(os.path.dirname(model), archive_stem(model))
+    return model
+
+
+def _relabel_bundle(runs, directory, label):
+    """run_bundle labels rows '<folder name>:<variant>'; two bundles of the same name need their longer label."""
+    name = os.path.basename(os.path.normpath(directory))
+    for run in runs:
+        if label != name and str(run.get("label", "")).startswith(name + ":"):
+            run["label"] = label + run["label"][len(name):]
+    return runs
+
+
+def run_torch_model(path, label, args, log, model_loader):
+    """The host model file itself, run by PyTorch: the reference row `yolo benchmark` also shows."""
+    if model_loader is None:
+        raise RuntimeToolError(f"{path} is an rsedge model file (PyTorch): run it with the host's `rsedge bench`, "
+                               "which can load it, or export it to ONNX (`rsedge export`) for this device")
+    if args.backend != "auto" or args.providers:
+        raise RuntimeToolError(f"--backend / --providers choose how ONNX files and engines run; {path} runs with "
+                               "PyTorch")
+    log(f"== {label} (pytorch)")
+    runner = model_loader(path, threads=args.threads, log=log)
+    try:
+        return run_model(runner, args, log, label=label + " (pytorch)")
+    finally:
+        runner.close()
+
+
+def _run_one(model, label, args, log, model_loader, cleanup):
+    if model.lower().endswith(ARCHIVE_SUFFIXES) and not os.path.isfile(model):
+        raise RuntimeToolError(f"bundle archive {model} does not exist")
+    if is_bundle_archive(model):
+        directory, tmp = extract_bundle(model, log=log)
+        if tmp:
+            cleanup.append(tmp)
+        return _relabel_bundle(run_bundle(directory, args, log), directory, label)
+    if is_bundle(model):
+        return _relabel_bundle(run_bundle(model, args, log), model, label)
+    if os.path.isdir(model):
+        raise RuntimeToolError(f"{model} is a directory without manifest.json: not an rsedge bundle")
+    if model.lower().endswith(MODEL_FILE_EXTENSIONS):
+        return [run_torch_model(model, label, args, log, model_loader)]
+    log(f"== {label}")
+    return [run_model(model, args, log, label=label)]
+
+
+def _print_results(doc, runs, args, log):
+    print(report.format_table(doc["comparison"]))
+    if args.quiet:
+        return
+    print(report.THROUGHPUT_NOTE)
+    for line in report.describe_conditions(doc["conditions"]):
+        log("  " + line)
+    for warning in (doc["conditions"] or {}).get("warnings", []):
+        log("warning: " + warning)
+    power = runs[0].get("power") or {}
+    if not power.get("available"):
+        log("power: {}".format(power.get("reason")))
+
+
+def main(argv=None, prog="rsedge-bench", model_loader=None):
+    """The command. `model_loader(path, threads=, log=)` -> Runner is how the host's `rsedge bench` runs
+    .safetensors model files with PyTorch; the device has none, and says so."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
+    args = parse_args(build_parser(prog), argv)
     log = (lambda msg: None) if args.quiet else _log_to_stderr
+    cleanup = []
     try:
         runs = []
-        for model in args.models:
-            if is_bundle(model):
-                runs.extend(run_bundle(model, args, log))
-            elif os.path.isdir(model):
-                raise RuntimeToolError(f"{model} is a directory without manifest.json: not an rsedge bundle")
-            else:
-                log(f"== {model}")
-                runs.append(run_model(model, args, log))
+        labels = report.path_labels([_label_path(m) for m in args.models])
+        for model, label in zip(args.models, labels):
+            runs.extend(_run_one(model, label, args, log, model_loader, cleanup))
         doc = report.build_document(runs, command=[prog] + argv)
-        print(report.format_table(doc["comparison"]))
-        if not args.quiet:
-            for line in report.describe_conditions(doc["conditions"]):
-                log("  " + line)
-            for warning in (doc["conditions"] or {}).get("warnings", []):
-                log("warning: " + warning)
-            power = runs[0].get("power") or {}
-            if not power.get("available"):
-                log("power: {}".format(power.get("reason")))
+        _print_results(doc, runs, args, log)
         for path in report.write_outputs(doc, args.json, args.csv, args.md):
             log(f"wrote {path}")
     except RuntimeToolError as e:
@@ -225,6 +322,9 @@ def main(argv=None, prog="rsedge-bench"):
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        for tmp in cleanup:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

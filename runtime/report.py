@@ -18,10 +18,13 @@ SCHEMA = "rsedge-bench/1"
 
 COLUMNS = (
     ("label", "model"), ("backend", "backend"), ("precision", "precision"), ("batch", "batch"),
-    ("median_ms", "median ms"), ("p99_ms", "p99 ms"), ("cv_pct", "CV %"), ("throughput_ips", "img/s"),
+    ("mean_ms", "mean ms"), ("median_ms", "median ms"), ("min_ms", "min ms"), ("max_ms", "max ms"),
+    ("p99_ms", "p99 ms"), ("cv_pct", "CV %"), ("throughput_ips", "thr img/s (wall)"),
     ("speedup", "speed-up"), ("compute_ms", "GPU ms"), ("power_w", "power W"),
     ("energy_mj_per_image", "mJ/img"), ("top1", "top-1"), ("peak_rss_mb", "peak RSS MB"),
 )
+THROUGHPUT_NOTE = ("thr img/s (wall) = batch x timed runs / wall-clock time of the timed loop (every gap between "
+                   "runs included), not batch / median latency; latencies are per batch")
 CSV_FIELDS = ("label", "model", "backend", "provider", "precision", "batch", "iterations", "duration_s", "mean_ms",
               "std_ms", "min_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "cv_pct", "throughput_ips",
               "speedup", "h2d_ms", "compute_ms", "d2h_ms", "power_w", "energy_mj_per_image", "gpu_load_pct",
@@ -30,6 +33,27 @@ CSV_FIELDS = ("label", "model", "backend", "provider", "precision", "batch", "it
 
 def label_of(run):
     return run.get("label") or os.path.basename(str(run.get("model")).rstrip("/"))
+
+
+def path_labels(paths):
+    """The shortest trailing part of each path that no other path ends with (base/model.onnx, pruned/model.onnx).
+
+    The same file given twice gets " (2)", " (3)"... on its later rows, so no two labels are equal.
+    """
+    parts = [os.path.abspath(str(p)).replace(os.sep, "/").rstrip("/").split("/") for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [p for j, p in enumerate(parts) if j != i and p != mine]
+        k = 1
+        while k < len(mine) and any(p[-k:] == mine[-k:] for p in others):
+            k += 1
+        labels.append("/".join(mine[-k:]))
+    seen = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = "{} ({})".format(label, seen[label])
+    return labels
 
 
 def comparison_rows(runs):
@@ -175,7 +199,9 @@ def to_markdown(doc):
         lines += ["Command: `{}`".format(" ".join(doc["command"])), ""]
     lines += ["- " + line for line in describe_conditions(doc.get("conditions"))]
     lines += ["", format_markdown_table(doc["comparison"]), ""]
-    lines.append("Latency is per batch on the host clock (median, p99); speed-up is the first row's median latency "
+    lines.append("Latency is per batch on the host clock (mean, median, min, max, p99); throughput (thr img/s "
+                 "(wall)) is batch x timed runs over the wall-clock time of the timed loop, not batch / median "
+                 "latency; speed-up is the first row's median latency "
                  "over each row's at the same batch; GPU ms is TensorRT compute time from CUDA events; power is the "
                  "mean over the timed run, energy per image = power x time / images.")
     warnings = list((doc.get("conditions") or {}).get("warnings") or [])

@@ -173,7 +173,7 @@ def build_engine(onnx_path, engine_path, precision="fp16", batch=(1, 1, 1), work
     trt = import_tensorrt()
     feat = trt_compat.features(trt)
     if not feat.tested:
-        log(f"warning: TensorRT {trt.__version__} is outside the tested range 8.2 .. 10.x")
+        log(f"warning: TensorRT {trt.__version__} is outside the tested range {trt_compat.TESTED_RANGE_TEXT}")
     cuda = load_cuda_api()
     try:
         # TensorRT objects live in _build's frame and are gone before the CUDA context is released.
@@ -203,7 +203,8 @@ def _build(trt, feat, cuda, onnx_path, engine_path, precision, batch, workspace_
     trt_compat.set_workspace(trt, config, feat, int(workspace_mb) * 2 ** 20)
     fast_fp16, fast_int8, source = trt_compat.platform_precisions(builder, feat, device["compute_capability"])
     plan = trt_compat.plan_precision(precision, int8_from, fast_fp16, fast_int8,
-                                     trt_compat.calibrators_available(trt), feat)
+                                     trt_compat.calibrators_available(trt), feat,
+                                     graph_fp16=trt_compat.graph_is_fp16(info))
     for note in plan["notes"]:
         log("note: " + note)
     if plan["fallback"]:

@@ -1,11 +1,17 @@
-"""One adapter over TensorRT 8.2 (JetPack 4.6), 8.5 (JetPack 5), 8.6 (JetPack 6.0) and 10.x.
+"""One adapter over TensorRT 8.0 (JetPack 4.6), 8.2 (JetPack 4.6.1/4.6.2), 8.5 (JetPack 5),
+8.6 (JetPack 6.0), 10.x (JetPack 6.1/6.2, x86) and 11.x (x86).
 
-What moves between versions: 8.2 has only the bindings API (`execute_async_v2`,
-`get_binding_shape`, `max_workspace_size`); 8.4 adds `set_memory_pool_limit`; 8.5 adds named
+What moves between versions: 8.0 and 8.2 have only the bindings API (`execute_async_v2`,
+`get_binding_shape`, `max_workspace_size`; 8.0 already has `build_serialized_network`,
+`parse_from_file` and timing caches); 8.4 adds `set_memory_pool_limit`; 8.5 adds named
 tensors (`num_io_tensors`, `set_input_shape`, `set_tensor_address`, `execute_async_v3`); 10.0
 removes the bindings API, `build_engine` and `max_workspace_size` and makes every network
 explicit-batch; 10.1 deprecates the INT8 calibrators (explicit Q/DQ quantization replaces
-them); 10.5 deprecates `platform_has_fast_fp16/int8`.
+them); 10.5 deprecates `platform_has_fast_fp16/int8`; 11.0 removes weak typing altogether
+(no `BuilderFlag.FP16/INT8`, no calibrators, no `platform_has_fast_*`): every network is
+strongly typed, so the precision of an engine is the precision of the ONNX graph it is built
+from (an FP32 graph builds FP32, a Q/DQ graph builds INT8 where its Q/DQ pairs say so, an FP16
+graph builds FP16).
 
 Everything that can be decided without a GPU (version dispatch, batch/profile shapes, which
 precision to build, cache file names) is plain logic here, tested everywhere; the functions that
@@ -19,6 +25,9 @@ from .errors import RuntimeToolError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_SOURCES = ("qdq", "calib")
+# [first, end) of the versions whose API this adapter is written and tested against
+TESTED_RANGE = ((8, 0), (12, 0))
+TESTED_RANGE_TEXT = "8.0 .. 11.x"
 
 
 def parse_version(text):
@@ -42,7 +51,9 @@ class TrtFeatures:
         self.build_engine_api = v < (10, 0)
         self.calibrators_deprecated = v >= (10, 1)
         self.fast_precision_queries_deprecated = v >= (10, 5)
-        self.tested = (8, 2) <= v < (11, 0)
+        self.weak_typing = v < (11, 0)
+        self.calibrators_removed = v >= (11, 0)
+        self.tested = TESTED_RANGE[0] <= v < TESTED_RANGE[1]
 
     def __repr__(self):
         return f"TrtFeatures({self.version})"
@@ -54,7 +65,7 @@ def features(trt):
 
 def calibrators_available(trt):
     """TensorRT 11 removes the implicit-quantization calibrators altogether."""
-    return hasattr(trt, "IInt8EntropyCalibrator2")
+    return hasattr(trt, "IInt8EntropyCalibrator2") and not features(trt).calibrators_removed
 
 
 def network_flags(trt, feat):
@@ -139,38 +150,39 @@ def fast_precisions_from_cc(cc):
 
 def platform_precisions(builder, feat, cc):
     """(fast fp16, fast int8, source): the builder's own answer while it has one, else the CC table."""
-    if not feat.fast_precision_queries_deprecated and hasattr(builder, "platform_has_fast_int8"):
+    if (feat.weak_typing and not feat.fast_precision_queries_deprecated
+            and hasattr(builder, "platform_has_fast_int8")):
         return bool(builder.platform_has_fast_fp16), bool(builder.platform_has_fast_int8), "builder"
     fp16, int8 = fast_precisions_from_cc(cc)
     return fp16, int8, f"compute capability {cc}"
 
 
-def plan_precision(requested, int8_from, fast_fp16, fast_int8, calibrators, feat):
+def plan_precision(requested, int8_from, fast_fp16, fast_int8, calibrators, feat, graph_fp16=False):
     """What to build for a requested precision on this GPU and TensorRT.
 
     Returns {"precision": built, "requested", "int8_from", "flags": [BuilderFlag names],
     "fallback": why the build differs from the request or None, "notes": [...]}. INT8 builds
     also allow FP16 (as `trtexec --int8 --fp16`), so layers left in float run in half.
+    From TensorRT 11 there are no precision flags: `graph_fp16` says whether the ONNX graph
+    itself is FP16 (strong typing builds what the graph declares).
     """
     if requested not in PRECISIONS:
         raise RuntimeToolError("precision must be one of {}, got {!r}".format(", ".join(PRECISIONS), requested))
+    if requested != "int8" and int8_from:
+        raise RuntimeToolError("--int8-from only applies to --precision int8")
     plan = {"precision": requested, "requested": requested, "int8_from": None, "flags": [], "fallback": None,
             "notes": []}
     if requested == "fp32":
-        if int8_from:
-            raise RuntimeToolError("--int8-from only applies to --precision int8")
         return plan
     if requested == "fp16":
-        if int8_from:
-            raise RuntimeToolError("--int8-from only applies to --precision int8")
-        plan["flags"] = ["FP16"]
-        if not fast_fp16:
-            plan["notes"].append("this GPU has no fast FP16; TensorRT will keep FP32 where FP16 is slower")
-        return plan
+        return _plan_fp16(plan, fast_fp16, feat, graph_fp16)
     if int8_from not in INT8_SOURCES:
         raise RuntimeToolError("--precision int8 needs --int8-from qdq (a Q/DQ ONNX, explicit quantization) or "
                                "--int8-from calib (calibrate on the bundle's calibration tensors)")
     plan["int8_from"] = int8_from
+    if int8_from == "calib" and (not calibrators or feat.calibrators_removed):
+        raise RuntimeToolError(f"TensorRT {feat.version} has removed the INT8 calibrators: use --int8-from qdq "
+                               "(the bundle's Q/DQ ONNX, explicit quantization)")
     if not fast_int8:
         if int8_from == "qdq":
             raise RuntimeToolError("this GPU has no fast INT8 (Jetson TX2 and Nano do not), so a Q/DQ model cannot "
@@ -178,15 +190,39 @@ def plan_precision(requested, int8_from, fast_fp16, fast_int8, calibrators, feat
         plan.update(precision="fp16", flags=["FP16"],
                     fallback="this GPU has no fast INT8 (Jetson TX2 and Nano do not): built FP16 instead")
         return plan
-    if int8_from == "calib":
-        if not calibrators:
-            raise RuntimeToolError(f"TensorRT {feat.version} has removed the INT8 calibrators: use --int8-from qdq "
-                                   "(the bundle's Q/DQ ONNX, explicit quantization)")
-        if feat.calibrators_deprecated:
-            plan["notes"].append("INT8 calibration is deprecated since TensorRT 10.1; --int8-from qdq is the "
-                                 "lasting path")
+    if int8_from == "calib" and feat.calibrators_deprecated:
+        plan["notes"].append("INT8 calibration is deprecated since TensorRT 10.1; --int8-from qdq is the "
+                             "lasting path")
+    if not feat.weak_typing:
+        plan["notes"].append(f"TensorRT {feat.version} is strongly typed: the layers between Q/DQ pairs run in "
+                             "INT8, the others in the graph's own precision")
+        return plan
     plan["flags"] = ["INT8", "FP16"] if fast_fp16 else ["INT8"]
     return plan
+
+
+def _plan_fp16(plan, fast_fp16, feat, graph_fp16):
+    if not feat.weak_typing:
+        if not graph_fp16:
+            raise RuntimeToolError(
+                f"TensorRT {feat.version} builds the precision the ONNX graph declares (strong typing, no FP16 "
+                "flag): convert the FP32 ONNX to FP16 first (NVIDIA ModelOpt: python -m modelopt.onnx.autocast "
+                "--onnx_path model.onnx --output_path model_fp16.onnx) and build that, or build --precision fp32")
+        plan["notes"].append("the ONNX graph is FP16: built as typed (strong typing)")
+        return plan
+    plan["flags"] = ["FP16"]
+    if not fast_fp16:
+        plan["notes"].append("this GPU has no fast FP16; TensorRT will keep FP32 where FP16 is slower")
+    return plan
+
+
+def graph_is_fp16(info):
+    """Whether an ONNX graph (onnx_meta.read_onnx_info) is itself FP16: its metadata says so, or a
+    graph input or output is float16. Strongly typed TensorRT (11.x) builds such a graph in FP16."""
+    meta = info.get("metadata") or {}
+    if meta.get("rsedge.precision", "").lower() in ("fp16", "float16"):
+        return True
+    return any(t.get("dtype") == "float16" for t in list(info.get("inputs", [])) + list(info.get("outputs", [])))
 
 
 def validate_dla(dla_core, num_dla_cores, precision):

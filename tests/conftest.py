@@ -27,3 +27,15 @@ def trained(tmp_path_factory, synth_data) -> Path:
     cfg = TrainConfig(epochs=3, batch_size=32, optimizer="adamw", lr=2e-3, workers=0, seed=0)
     train_run(synth_data, "resnet18", out, img_size=32, cfg=cfg, progress=False, log=lambda m: None)
     return out / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def runtime_helpers():
+    """tests/test_runtime_helpers.py as a module: fake TensorRT/CUDA, small ONNX models and bundles."""
+    import importlib.util
+
+    path = Path(__file__).with_name("test_runtime_helpers.py")
+    spec = importlib.util.spec_from_file_location("rsedge_runtime_test_helpers", str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -13,7 +13,9 @@ from rsedge.runtime.manifest import verify_manifest
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, trained, synth_data):
     out = tmp_path_factory.mktemp("b") / "bundle"
-    result = bundle_run(trained, out, data=synth_data, calib_size=32, eval_size=36, max_drop=5.0, tar=True,
+    # 18 validation images: one image is 5.6 points, so a 6-point budget allows one image lost (at 5 points
+    # the guard allowed none and ended with every node in float: a file it now rejects)
+    result = bundle_run(trained, out, data=synth_data, calib_size=32, eval_size=36, max_drop=6.0, tar=True,
                         log=lambda m: None)
     return out, result
 
@@ -23,10 +25,16 @@ def test_bundle_layout_and_manifest(bundle):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "rsedge-bundle/1"
     files = set(manifest["files"])
-    assert {"model_fp32.onnx", "model_int8_qdq.onnx", "eval/images.npy", "eval/labels.npy", "labels.json",
-            "preprocess.json"} <= files
+    assert {"model_fp32.onnx", "model_int8_qdq.onnx", "model_int8_cpu.onnx", "eval/images.npy", "eval/labels.npy",
+            "labels.json", "preprocess.json"} <= files
     assert any(f.startswith("calib/calib_") for f in files)
-    assert [v["name"] for v in manifest["variants"]] == ["fp32", "int8-qdq"]
+    assert [(v["name"], v.get("target")) for v in manifest["variants"]] == [
+        ("fp32", None), ("int8-qdq", "tensorrt"), ("int8-cpu", "onnxruntime")]
+    assert manifest["rejected_variants"] == []
+    assert manifest["variants"][2]["label"] == "int8-qdq-u8s8" and manifest["variants"][2]["int8_nodes"] == "21/21"
+    guard = manifest["export"]["int8_guard"]
+    assert guard["int8-qdq"]["status"] == guard["int8-cpu"]["status"] == "written"
+    assert guard["int8-cpu"]["budget_images"] is not None and guard["int8-cpu"]["quantized_fraction"] == 1.0
     assert {"torch", "onnxruntime"} <= set(manifest["versions"])
     verify_manifest(str(out))
     images, labels = np.load(out / "eval" / "images.npy"), np.load(out / "eval" / "labels.npy")
@@ -78,8 +86,10 @@ def test_device_runtime_evaluates_the_bundle(bundle, tmp_path):
     report = tmp_path / "r.json"
     assert main([str(out), "--duration", "0.1", "--iterations", "3", "--warmup", "0.02", "--json", str(report),
                  "--quiet"]) == 0
-    text = report.read_text()
-    assert "int8-qdq" in text and "top1" in text
+    doc = json.loads(report.read_text())
+    # no TensorRT here: ONNX Runtime runs fp32 and the variant made for it, not the TensorRT one
+    assert [r["label"] for r in doc["runs"]] == ["bundle:fp32 (onnx)", "bundle:int8-cpu (onnx)"]
+    assert doc["runs"][1]["precision"] == "int8-qdq-u8s8" and doc["runs"][1]["accuracy"]["top1"] is not None
 
 
 def test_existing_folder_is_refused(tmp_path, trained, synth_data):

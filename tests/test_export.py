@@ -36,6 +36,11 @@ def test_metadata_lets_the_device_preprocess_and_label(exported, trained):
     assert props["rsedge.precision"] == "fp32" and props["rsedge.task"] == "classification"
     q = {p.key: p.value for p in onnx.load(str(out / "model_int8.onnx")).metadata_props}
     assert q["rsedge.precision"] == "int8-qdq" and q["rsedge.classes"] == props["rsedge.classes"]
+    assert q["rsedge.target"] == "tensorrt" and q["rsedge.int8_nodes"] == "21/21"
+    assert q["rsedge.int8_fraction"] == "1.0000"
+    c = {p.key: p.value for p in onnx.load(str(out / "model_int8_cpu.onnx")).metadata_props}
+    assert c["rsedge.precision"] == "int8-qdq-u8s8" and c["rsedge.target"] == "onnxruntime"
+    assert c["rsedge.int8_nodes"] == "21/21" and c["rsedge.classes"] == props["rsedge.classes"]
 
 
 def test_opset_13_and_static_batch_by_default(exported):
@@ -126,3 +131,49 @@ def test_vgg_pool_on_a_small_map_exports_at_opset_13(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     info = export_onnx(model, meta, tmp_path / "m.onnx", x, log=lambda m: None)
     assert info["exporter"] == "torchscript" and info["parity"]["max_abs_diff"] < 1e-5
+
+
+def test_cpu_variant_has_uint8_activations_and_runs(exported):
+    out, record = exported
+    cpu = record["int8_cpu"]
+    assert cpu["status"] == "written" and cpu["file"] == "model_int8_cpu.onnx" and cpu["target"] == "onnxruntime"
+    assert cpu["activation_types"] == ["uint8"] and record["int8"]["activation_types"] == ["int8"]
+    assert cpu["quantized_nodes"] == cpu["quantizable_nodes"] == 21 and cpu["quantized_fraction"] == 1.0
+    q = onnx.load(str(out / "model_int8_cpu.onnx"))
+    inits = {i.name: i for i in q.graph.initializer}
+    act_zero_points = [inits[n.input[2]] for n in q.graph.node
+                       if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[2] in inits]
+    assert act_zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in act_zero_points)
+    weights = [i for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert weights and all(np.abs(onnx.numpy_helper.to_array(w)).max() <= 64 for w in weights)  # 7-bit range
+    assert cpu["agreement_with_fp32"]["top1_agreement"] >= 0.9 and cpu["size_vs_fp32"] < 0.35
+    x = np.load(out / "calib" / "calib_00000.npy")[:4]
+    assert run_onnx(out / "model_int8_cpu.onnx", x).shape == (4, 6)
+
+
+def test_export_refuses_an_old_export_and_exist_ok_removes_its_stale_files(exported, tmp_path, trained):
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(exported[0], out)
+    (out / "calib" / "calib_00099.npy").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="already holds an export .*--exist-ok"):
+        export_run(trained, out, simplifier="none", log=lambda m: None)
+    assert (out / "model_int8.onnx").is_file(), "a refused export touches nothing"
+    record = export_run(trained, out, simplifier="none", exist_ok=True, log=lambda m: None)
+    assert "int8" not in record and not record["parameters"]["int8"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "record.json"]
+
+
+def test_cli_export_into_an_old_export_is_one_line(exported, tmp_path, trained, capsys):
+    import shutil
+
+    from rsedge.cli.main import main
+
+    out = tmp_path / "old"
+    shutil.copytree(exported[0], out)
+    assert main(["export", "--model", str(trained), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds an export" in err and "--exist-ok" in err
+    assert main(["export", "--model", str(trained), "--out", str(out), "--exist-ok", "--simplifier", "none"]) == 0
+    assert not (out / "model_int8.onnx").exists() and not (out / "calib").exists()

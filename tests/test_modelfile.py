@@ -50,7 +50,7 @@ def test_loading_only_builds_registered_architectures(tmp_path):
 
     meta = {**_meta("resnet18", 3), "format": "rsedge-model/1", "arch": "os.system"}
     save_file({"x": torch.zeros(1)}, str(tmp_path / "evil.safetensors"), metadata={"rsedge": json.dumps(meta)})
-    with pytest.raises(KeyError, match="unknown model"):
+    with pytest.raises(ValueError, match="evil.safetensors: cannot rebuild its model: unknown model 'os.system'"):
         load_model(tmp_path / "evil.safetensors")
 
 

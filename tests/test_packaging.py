@@ -1,4 +1,6 @@
 """The distribution maps every package folder, and the device path stays light."""
+from __future__ import annotations
+
 import configparser
 import subprocess
 import sys
@@ -29,6 +31,27 @@ def test_base_install_needs_only_numpy():
     assert "torch" not in cfg["options.extras_require"]["jetson"]
 
 
+def imported_modules(path: Path, text: str | None = None) -> set[str]:
+    """Every module a file imports, however it is written: `import rsedge.x`, `from rsedge.x import y`,
+    `from rsedge import x` (-> rsedge.x) and relative imports resolved against the file's package."""
+    import ast
+
+    rel = path.relative_to(ROOT).with_suffix("")
+    package = ["rsedge", *rel.parts[:-1]]
+    found: set[str] = set()
+    source = path.read_text() if text is None else text
+    for node in ast.walk(ast.parse(source, str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return found
+
+
 def test_layers_point_one_way():
     """trainer <- compress <- export <- cli; runtime, the bottom layer, imports none of them."""
     forbidden = {
@@ -38,10 +61,15 @@ def test_layers_point_one_way():
         "runtime": ("rsedge.trainer", "rsedge.compress", "rsedge.export", "rsedge.cli"),
     }
     for folder, bad in forbidden.items():
-        for f in (ROOT / folder).glob("*.py"):
-            text = f.read_text()
-            for b in bad:
-                assert f"from {b}" not in text and f"import {b}" not in text, f"{f} imports {b}"
+        for f in (ROOT / folder).rglob("*.py"):
+            for mod in imported_modules(f):
+                assert not any(mod == b or mod.startswith(b + ".") for b in bad), f"{f} imports {mod}"
+
+
+def test_import_check_catches_every_spelling():
+    text = "from rsedge import compress\nimport rsedge.export.run as r\nfrom ..cli import main\n"
+    found = imported_modules(ROOT / "trainer" / "probe.py", text)
+    assert {"rsedge.compress", "rsedge.export.run", "rsedge.cli.main"} <= found
 
 
 def test_rsedge_bench_entry_does_not_import_torch():

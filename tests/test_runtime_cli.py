@@ -1,9 +1,12 @@
 """rsedge-bench end to end on CPU: single models, several models, bundles, and clear errors."""
 
 import importlib.util
+import io
 import json
 import os
+import tarfile
 
+import numpy as np
 import pytest
 
 from rsedge.runtime import cli
@@ -55,7 +58,10 @@ def test_two_models_one_table_and_files(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     lines = captured.out.strip().splitlines()
-    assert len(lines) == 2 + 4 and "speed-up" in lines[0] and "1.00x" in lines[2]
+    assert len(lines) == 2 + 4 + 1 and "speed-up" in lines[0] and "1.00x" in lines[2]
+    for header in ("mean ms", "median ms", "min ms", "max ms", "thr img/s (wall)"):
+        assert header in lines[0]
+    assert lines[-1].startswith("thr img/s (wall) = batch x timed runs / wall-clock time")
     assert "onnxruntime" in captured.err and "is an ONNX model" in captured.err  # says what it picked and why
     doc = json.loads((out / "r.json").read_text())
     assert doc["schema"] == "rsedge-bench/1" and len(doc["runs"]) == 2 and len(doc["comparison"]) == 4
@@ -179,3 +185,197 @@ def test_ensure_engines_rebuilds_for_another_tensorrt(tmp_path):
     assert plan[0]["status"] == "built" and "built elsewhere" in plan[0]["reason"]
     plan = ensure_engines(bundle, caps, (1, 4, 4), precisions=["fp16"], build=fake_build)
     assert plan[0]["engine"].endswith("fp32-fp16-b4.engine") and plan[0]["status"] == "built"
+
+
+def test_quiet_prints_only_the_table(tmp_path, capsys):
+    a = H.make_classifier_onnx(str(tmp_path / "a.onnx"))
+    assert cli.main([a, "--quiet"] + FAST) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 3 and captured.err == ""
+
+
+def test_two_exports_of_the_same_name_get_distinct_labels(tmp_path, capsys):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "pruned").mkdir()
+    a = H.make_classifier_onnx(str(tmp_path / "base" / "model.onnx"), channels=4)
+    b = H.make_classifier_onnx(str(tmp_path / "pruned" / "model.onnx"), channels=2)
+    rc = cli.main([a, b, "--json", str(tmp_path / "r.json")] + FAST)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [r["label"] for r in doc["runs"]] == ["base/model.onnx", "pruned/model.onnx"]
+    rows = captured.out.splitlines()
+    assert rows[2].startswith("base/model.onnx ") and rows[3].startswith("pruned/model.onnx ")
+
+
+@pytest.mark.parametrize("order", ["eval-first", "bundle-first", "eval-equals"])
+def test_eval_followed_by_a_bundle_runs_the_bundle(tmp_path, capsys, no_tensorrt, order):
+    bundle = str(tmp_path / "bundle")
+    H.make_bundle(bundle)
+    argv = {"eval-first": ["--eval", bundle], "bundle-first": [bundle, "--eval"],
+            "eval-equals": ["--eval=" + bundle]}[order]
+    rc = cli.main(argv + ["--json", str(tmp_path / "r.json")] + FAST)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    labels = [r["label"] for r in doc["runs"]]
+    assert labels[0] == "bundle:fp32 (onnx)" and all(label.startswith("bundle:") for label in labels)
+    assert all(r["accuracy"]["n"] == 12 for r in doc["runs"])
+
+
+def test_eval_dir_after_a_model_is_still_a_folder(tmp_path, capsys):
+    a = H.make_classifier_onnx(str(tmp_path / "a.onnx"))
+    folder = tmp_path / "val"
+    for name in H.CLASSES:
+        (folder / name).mkdir(parents=True)
+        np.save(str(folder / name / "x.npy"), np.random.RandomState(0).randint(0, 256, (16, 16, 3)).astype(np.uint8))
+    rc = cli.main([a, "--eval", str(folder), "--json", str(tmp_path / "r.json")] + FAST)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    accuracy = json.loads((tmp_path / "r.json").read_text())["runs"][0]["accuracy"]
+    assert accuracy["n"] == 3 and set(accuracy["per_class"]) == set(H.CLASSES)
+
+
+def _tar(archive, bundle, arcname):
+    with tarfile.open(str(archive), "w:gz") as t:
+        t.add(str(bundle), arcname=arcname)
+
+
+def test_tar_gz_bundle_is_extracted_next_to_it_verified_and_reused(tmp_path, capsys, no_tensorrt):
+    src = tmp_path / "host" / "bundle"
+    H.make_bundle(str(src))
+    device = tmp_path / "device"
+    device.mkdir()
+    archive = device / "bundle.tar.gz"
+    _tar(archive, src, "bundle")
+    rc = cli.main(["--eval", str(archive), "--json", str(tmp_path / "r.json")] + FAST)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "extracted into" in captured.err and "files verified" in captured.err
+    assert (device / "bundle" / "manifest.json").is_file()
+    assert sorted(p.name for p in device.iterdir()) == ["bundle", "bundle.tar.gz"]  # no staging folder left
+    doc = json.loads((tmp_path / "r.json").read_text())
+    labels = [r["label"] for r in doc["runs"]]
+    assert labels[0] == "bundle:fp32 (onnx)" and all(label.startswith("bundle:") for label in labels)
+    assert all(r["accuracy"]["n"] == 12 for r in doc["runs"])
+    assert cli.main([str(archive)] + FAST) == 0
+    assert "extracted before (same manifest)" in capsys.readouterr().err
+
+
+def test_tar_gz_bundle_with_a_tampered_file_is_refused(tmp_path, capsys, no_tensorrt):
+    src = tmp_path / "bundle"
+    H.make_bundle(str(src))
+    path = src / "model_fp32.onnx"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    out = tmp_path / "copy"
+    out.mkdir()
+    _tar(out / "b.tar.gz", src, "b")
+    assert cli.main([str(out / "b.tar.gz")] + FAST) == 2
+    err = capsys.readouterr().err
+    assert "model_fp32.onnx" in err and "failed verification" in err
+
+
+def test_tar_gz_bundle_does_not_overwrite_another_folder(tmp_path, capsys, no_tensorrt):
+    H.make_bundle(str(tmp_path / "src"))
+    _tar(tmp_path / "bundle.tar.gz", tmp_path / "src", "bundle")
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "mine.txt").write_text("keep")
+    assert cli.main([str(tmp_path / "bundle.tar.gz")] + FAST) == 2
+    assert "does not hold the bundle" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["mine.txt"]
+
+
+def _evil_archive(path, kind):
+    data = b"x"
+    with tarfile.open(str(path), "w:gz") as t:
+        manifest = tarfile.TarInfo("b/manifest.json")
+        manifest.size = 1
+        t.addfile(manifest, io.BytesIO(data))
+        if kind == "dotdot":
+            info = tarfile.TarInfo("b/../../escaped.txt")
+            info.size = 1
+            t.addfile(info, io.BytesIO(data))
+        elif kind == "absolute":
+            info = tarfile.TarInfo("/tmp/rsedge-escaped.txt")
+            info.size = 1
+            t.addfile(info, io.BytesIO(data))
+        else:
+            info = tarfile.TarInfo("b/link")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            t.addfile(info)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_tar_gz_with_paths_outside_or_links_is_refused(tmp_path, capsys, kind):
+    (tmp_path / "d").mkdir()
+    archive = tmp_path / "d" / "b.tar.gz"
+    _evil_archive(archive, kind)
+    assert cli.main([str(archive)] + FAST) == 2
+    assert "refused" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["b.tar.gz"]
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_archive_without_a_manifest_is_not_a_bundle(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.txt").write_text("a")
+    _tar(tmp_path / "x.tar.gz", tmp_path / "x", "x")
+    assert cli.main([str(tmp_path / "x.tar.gz")] + FAST) == 2
+    assert "not an rsedge bundle" in capsys.readouterr().err
+
+
+def test_read_only_folder_extracts_to_a_temporary_folder_removed_after(tmp_path, capsys, no_tensorrt, monkeypatch):
+    from rsedge.runtime import archive as archive_mod
+
+    H.make_bundle(str(tmp_path / "src"))
+    _tar(tmp_path / "bundle.tar.gz", tmp_path / "src", "bundle")
+    monkeypatch.setattr(archive_mod.os, "access", lambda path, mode: False)
+    made = []
+    real_mkdtemp = archive_mod.tempfile.mkdtemp
+
+    def mkdtemp(**kw):
+        made.append(real_mkdtemp(dir=str(tmp_path / "scratch"), **kw))
+        return made[-1]
+
+    (tmp_path / "scratch").mkdir()
+    monkeypatch.setattr(archive_mod.tempfile, "mkdtemp", mkdtemp)
+    rc = cli.main([str(tmp_path / "bundle.tar.gz"), "--json", str(tmp_path / "r.json")] + FAST)
+    assert rc == 0, capsys.readouterr().err
+    assert len(made) == 1 and not os.path.exists(made[0]) and not (tmp_path / "bundle").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["label"] == "bundle:fp32 (onnx)"
+
+
+def test_model_file_without_a_host_loader_says_where_it_runs(tmp_path, capsys):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"not used")
+    assert cli.main([str(path)] + FAST) == 2
+    assert "rsedge bench" in capsys.readouterr().err
+
+
+def test_eval_with_a_missing_archive_names_the_archive(tmp_path, capsys):
+    assert cli.main(["--eval", str(tmp_path / "bundle.tar.gz")] + FAST) == 2
+    err = capsys.readouterr().err
+    assert "bundle.tar.gz does not exist" in err
+
+
+def test_two_bundles_of_the_same_name_get_distinct_labels(tmp_path, capsys, no_tensorrt):
+    H.make_bundle(str(tmp_path / "old" / "bundle"))
+    H.make_bundle(str(tmp_path / "new" / "bundle"))
+    rc = cli.main([str(tmp_path / "old" / "bundle"), str(tmp_path / "new" / "bundle"), "--no-eval", "--json",
+                   str(tmp_path / "r.json")] + FAST)
+    assert rc == 0, capsys.readouterr().err
+    labels = [r["label"] for r in json.loads((tmp_path / "r.json").read_text())["runs"]]
+    assert "old/bundle:fp32 (onnx)" in labels and "new/bundle:fp32 (onnx)" in labels
+    assert len(set(labels)) == len(labels)
+
+
+def test_models_and_options_may_be_mixed(tmp_path):
+    bundle = str(tmp_path / "bundle")
+    H.make_bundle(bundle)
+    args = cli.parse_args(cli.build_parser(), ["a.onnx", "--batch", "1,4", "b.onnx", "--eval", bundle])
+    assert args.models == ["a.onnx", "b.onnx", bundle] and args.batch == [1, 4]
+    args = cli.parse_args(cli.build_parser(), ["a.onnx", "--eval", str(tmp_path)])
+    assert args.models == ["a.onnx"] and args.eval == str(tmp_path)  # a folder without manifest.json: --eval DIR

@@ -62,3 +62,26 @@ def test_describe_conditions_on_jetson():
     text = "\n".join(report.describe_conditions(cond))
     assert "L4T 32.7.1 (JetPack 4.6.x), nvpmodel MAXN (0), clocks locked" in text
     assert "tensorrt 8.2.1.8" in text
+
+
+def test_table_has_mean_min_max_and_names_wall_clock_throughput():
+    runs = [run("fp32", [(1, 10.0)])]
+    runs[0]["results"][0]["throughput_ips"] = 80.0  # less than 1 / median: the loop's wall time has gaps
+    table = report.format_table(report.comparison_rows(runs))
+    header, row = table.splitlines()[0], table.splitlines()[2]
+    assert [h.strip() for h in header.split("  ") if h.strip()][4:11] == [
+        "mean ms", "median ms", "min ms", "max ms", "p99 ms", "CV %", "thr img/s (wall)"]
+    assert row.split()[4:8] == ["10.000", "10.000", "9.800", "11.000"] and "80.0" in row.split()
+    assert "not batch / median latency" in report.THROUGHPUT_NOTE
+    md = report.to_markdown(report.build_document(runs))
+    assert "| mean ms | median ms | min ms | max ms |" in md and "not batch / median latency" in md
+
+
+def test_path_labels_are_the_shortest_unique_suffixes():
+    assert report.path_labels(["/r/base/model.onnx", "/r/pruned/model.onnx"]) == ["base/model.onnx",
+                                                                                  "pruned/model.onnx"]
+    assert report.path_labels(["a.onnx", "b.onnx"]) == ["a.onnx", "b.onnx"]
+    assert report.path_labels(["/x/a/m.onnx", "/y/a/m.onnx", "/y/b/m.onnx"]) == ["x/a/m.onnx", "y/a/m.onnx",
+                                                                                 "b/m.onnx"]
+    assert report.path_labels(["/r/m.onnx", "/r/m.onnx"]) == ["m.onnx", "m.onnx (2)"]
+    assert report.path_labels(["/m.onnx", "/x/m.onnx"]) == ["/m.onnx", "x/m.onnx"]

@@ -7,11 +7,13 @@ from rsedge.runtime.errors import RuntimeToolError
 
 
 @pytest.mark.parametrize("version,named,pool,explicit_flag,build_engine_api,calib_deprecated", [
-    ("8.2.1.8", False, False, True, True, False),     # JetPack 4.6
+    ("8.0.1.6", False, False, True, True, False),     # JetPack 4.6 (TX2)
+    ("8.2.1.8", False, False, True, True, False),     # JetPack 4.6.1 / 4.6.2
     ("8.4.1.5", False, True, True, True, False),
     ("8.5.2.2", True, True, True, True, False),       # JetPack 5.1
     ("8.6.2.3", True, True, True, True, False),       # JetPack 6.0
     ("10.3.0.30", True, True, False, False, True),    # JetPack 6.1/6.2
+    ("11.0.0.12", True, True, False, False, True),    # x86, strongly typed only
 ])
 def test_features_per_version(version, named, pool, explicit_flag, build_engine_api, calib_deprecated):
     f = trt_compat.TrtFeatures(version)
@@ -24,7 +26,8 @@ def test_version_parsing():
     assert trt_compat.parse_version("8.2.1.8") == (8, 2, 1, 8)
     assert trt_compat.parse_version("10.3.0") == (10, 3, 0, 0)
     assert trt_compat.parse_version("10.0.0b6") == (10, 0, 0, 6)
-    assert not trt_compat.TrtFeatures("11.0").tested
+    assert not trt_compat.TrtFeatures("12.0").tested
+    assert not trt_compat.TrtFeatures("7.2.3").tested
     assert trt_compat.TrtFeatures("10.5.0").fast_precision_queries_deprecated
     with pytest.raises(ValueError):
         trt_compat.parse_version("dev")
@@ -134,3 +137,71 @@ def test_network_flags_and_workspace_dispatch():
     trt_compat.set_workspace(trt, old, trt_compat.TrtFeatures("8.2.1"), 1 << 20)
     trt_compat.set_workspace(trt, new, trt_compat.TrtFeatures("8.6.1"), 1 << 20)
     assert old.max_workspace_size == 1 << 20 and new.limit == ("ws", 1 << 20)
+
+
+def test_weak_typing_ends_at_tensorrt_11():
+    assert trt_compat.TrtFeatures("8.0.1").weak_typing and trt_compat.TrtFeatures("10.13").weak_typing
+    f11 = trt_compat.TrtFeatures("11.1.0")
+    assert not f11.weak_typing and f11.calibrators_removed and f11.tested
+
+
+def test_plan_precision_tensorrt_11_builds_what_the_graph_declares():
+    f11 = trt_compat.TrtFeatures("11.0.0")
+    assert trt_compat.plan_precision("fp32", None, True, True, False, f11)["flags"] == []
+    with pytest.raises(RuntimeToolError, match="strong typing.*FP16 first"):
+        trt_compat.plan_precision("fp16", None, True, True, False, f11)
+    plan = trt_compat.plan_precision("fp16", None, True, True, False, f11, graph_fp16=True)
+    assert plan["flags"] == [] and plan["precision"] == "fp16"
+    plan = trt_compat.plan_precision("int8", "qdq", True, True, False, f11)
+    assert plan["flags"] == [] and plan["precision"] == "int8" and any("strongly typed" in n for n in plan["notes"])
+    # even a fake module that still exposes a calibrator class is refused on 11
+    with pytest.raises(RuntimeToolError, match="removed the INT8 calibrators"):
+        trt_compat.plan_precision("int8", "calib", True, True, True, f11)
+
+
+def test_plan_precision_tensorrt_8_0_tx2_has_no_int8():
+    f80 = trt_compat.TrtFeatures("8.0.1.6")
+    plan = trt_compat.plan_precision("int8", "calib", True, False, True, f80)
+    assert plan["precision"] == "fp16" and "no fast INT8" in plan["fallback"]
+    with pytest.raises(RuntimeToolError, match="no fast INT8"):
+        trt_compat.plan_precision("int8", "qdq", True, False, True, f80)
+
+
+def test_platform_precisions_on_11_come_from_the_compute_capability():
+    class NoQueries:
+        pass
+
+    fp16, int8, source = trt_compat.platform_precisions(NoQueries(), trt_compat.TrtFeatures("11.0"), "6.2")
+    assert (fp16, int8) == (True, False) and "compute capability" in source
+
+
+def test_calibrators_available_per_version():
+    import types
+
+    old = types.SimpleNamespace(__version__="10.3.0", IInt8EntropyCalibrator2=object)
+    new = types.SimpleNamespace(__version__="11.0.0", IInt8EntropyCalibrator2=object)
+    gone = types.SimpleNamespace(__version__="11.0.0")
+    assert trt_compat.calibrators_available(old)
+    assert not trt_compat.calibrators_available(new) and not trt_compat.calibrators_available(gone)
+
+
+def test_graph_is_fp16():
+    assert trt_compat.graph_is_fp16({"metadata": {"rsedge.precision": "fp16"}, "inputs": [], "outputs": []})
+    assert trt_compat.graph_is_fp16({"metadata": {}, "inputs": [{"dtype": "float16"}], "outputs": []})
+    assert not trt_compat.graph_is_fp16({"metadata": {"rsedge.precision": "fp32"},
+                                         "inputs": [{"dtype": "float32"}], "outputs": [{"dtype": "float32"}]})
+
+
+def test_bundle_plan_on_tensorrt_11_skips_fp16_of_an_fp32_graph(tmp_path, runtime_helpers):
+    pytest.importorskip("onnx", reason="the onnx package builds the test bundle")
+    from rsedge.runtime.bundle import Bundle, plan_engines
+
+    runtime_helpers.make_bundle(str(tmp_path / "b"))
+    bundle = Bundle.open(str(tmp_path / "b"))
+    caps = {"fast_fp16": True, "fast_int8": True, "calibrators": False, "tensorrt_version": "11.0.0"}
+    plan = {(p["variant"], p["precision"]): p["skip"] for p in plan_engines(bundle, caps, (1, 8, 8))}
+    assert "strongly typed" in plan[("fp32", "fp16")]
+    assert plan[("fp32", "fp32")] is None
+    caps10 = dict(caps, calibrators=True, tensorrt_version="10.3.0")
+    assert {(p["variant"], p["precision"]): p["skip"] for p in plan_engines(bundle, caps10, (1, 8, 8))}[
+        ("fp32", "fp16")] is None

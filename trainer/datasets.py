@@ -2,7 +2,8 @@
 
 A split is decided once, written to the run directory as `split.json`, and reused by every later
 stage, so pruning, fine-tuning, export and evaluation all see exactly the same images. Images that
-cannot be decoded are found when the split is made, listed in it, and never reach a DataLoader.
+cannot be decoded are found when the split is made, listed in it, and never reach a DataLoader;
+one that becomes unreadable later is skipped by the loaders and counted (`SkipUnreadable`).
 """
 from __future__ import annotations
 
@@ -25,14 +26,88 @@ class DatasetError(ValueError):
     """A dataset problem the user must fix (empty class folder, mismatched classes...)."""
 
 
+class UnreadableImage(DatasetError):
+    """An image of the split that can no longer be decoded (deleted, truncated, overwritten after
+    the split was made). Loaders skip it and count it (`SkipUnreadable`); direct indexing raises."""
+
+    def __init__(self, path: str, error: str):
+        super().__init__(f"cannot read {path} (it was readable when the split was made): {error}")
+        self.path, self.error = path, error
+
+    def __reduce__(self):
+        return type(self), (self.path, self.error)
+
+
+def _has(folder: Path, suffixes: Sequence[str]) -> bool:
+    """Whether `folder` holds (at any depth) a file with one of `suffixes`; stops at the first."""
+    return folder.is_dir() and any(f.suffix.lower() in suffixes for f in folder.rglob("*"))
+
+
+def _coco_json(root: Path) -> Path | None:
+    for folder in (root, root / "annotations"):
+        for f in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 20)
+            if b'"images"' in head and (b'"annotations"' in head or b'"categories"' in head):
+                return f
+    return None
+
+
+def _layout_of(root: Path) -> tuple[str, str] | None:
+    """(task, layout) when `root` is a detection or segmentation dataset in a published layout."""
+    sub = {p.name: p for p in root.iterdir() if p.is_dir()}
+    if "positive image set" in sub or ("ground truth" in sub and _has(sub["ground truth"], (".txt",))):
+        return "detection", "NWPU VHR-10 layout: 'positive image set/' and 'ground truth/*.txt'"
+    if "images" in sub and "labels" in sub:
+        if _has(sub["labels"], (".txt",)):
+            return "detection", "YOLO layout: images/ and labels/*.txt"
+        if _has(sub["labels"], IMAGE_EXTENSIONS):
+            return "segmentation", "images/ and label masks in labels/"
+    if "Annotations" in sub and _has(sub["Annotations"], (".xml",)):
+        return "detection", "Pascal VOC layout: JPEGImages/ and Annotations/*.xml"
+    if "SegmentationClass" in sub:
+        return "segmentation", "Pascal VOC layout: JPEGImages/ and SegmentationClass/"
+    if "images" in sub and "masks" in sub:
+        return "segmentation", "images/ and masks/"
+    if (root / "class_dict.csv").is_file():
+        return "segmentation", "class_dict.csv of mask colours, the CamVid / DeepGlobe convention"
+    tiles = [n for n, p in sub.items() if (p / "images").is_dir() and (p / "masks").is_dir()]
+    if tiles:
+        return "segmentation", f"tiles of images/ and masks/: {', '.join(sorted(tiles)[:3])}..."
+    coco = _coco_json(root)
+    if coco is not None:
+        return "detection or instance segmentation", f"COCO layout: {coco.relative_to(root)}"
+    return None
+
+
+def check_classification_layout(root: Path) -> None:
+    """A detection or segmentation dataset read as classes would be a silent nonsense task
+    ("masks" and "images" as two classes) or a confusing error; say what the folder is. A folder
+    of loose images (`positive image set/`) is judged by its parent."""
+    places = [root]
+    if any(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS for f in root.iterdir()):
+        places.append(root.parent)
+    for where in places:
+        found = _layout_of(where)
+        if found:
+            task, layout = found
+            what = str(root) if where == root else f"{root} is part of {where}, which"
+            raise DatasetError(f"rsedge's classification commands read ROOT/<class>/<image>; {what} looks like "
+                               f"a {task} dataset ({layout}): a {task} command would read it, and rsedge has "
+                               f"none yet")
+
+
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
     """Classes are the sub-folders of `root`, sorted; samples are (path relative to root, label)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
+    check_classification_layout(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DatasetError(f"{root} has no class sub-folders (expected ROOT/<class>/<image>)")
+        loose = sum(1 for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        held = f" holds {loose} images but" if loose else ""
+        raise DatasetError(f"{root}{held} has no class sub-folders (expected ROOT/<class>/<image>)")
     samples: list[tuple[str, int]] = []
     empty = []
     for label, name in enumerate(classes):
@@ -44,6 +119,9 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
         samples.extend((f.relative_to(root).as_posix(), label) for f in files)
     if empty:
         raise DatasetError(f"class folder(s) with no images in {root}: {', '.join(empty)}")
+    if len(classes) == 1 and not any(f.is_file() for f in (root / classes[0]).iterdir()):
+        raise DatasetError(f"{root} has a single class folder, {classes[0]}, whose images are in sub-folders: "
+                           f"is {root / classes[0]} the dataset root (ROOT/<class>/<image>)?")
     return classes, samples
 
 
@@ -103,9 +181,16 @@ def make_split(
     seed: int = 0,
     check_images: bool = True,
     progress: bool = True,
+    fraction: float = 1.0,
 ) -> dict[str, Any]:
+    """`fraction` < 1 splits (and decodes) a stratified sample only: a quick look at a large
+    folder (`rsedge data check --fraction`), never a split for training."""
+    from .sampling import stratified_fraction
+
     root = Path(data_dir).resolve()
     classes, samples = scan_image_folder(root)
+    scanned = len(samples)
+    samples = stratified_fraction(samples, fraction, seed)
     corrupt = find_corrupt(root, samples, progress) if check_images else {}
     good = [s for s in samples if s[0] not in corrupt]
     counts = defaultdict(int)
@@ -121,6 +206,7 @@ def make_split(
         "classes": classes,
         "seed": seed,
         "fractions": {"val": val, "test": test},
+        **({"sample": {"fraction": fraction, "images": len(samples), "of": scanned}} if fraction < 1 else {}),
         "counts": {k: len(v) for k, v in parts.items()},
         "skipped": [{"path": rel, "error": err} for rel, err in sorted(corrupt.items())],
         **{k: [[rel, label] for rel, label in v] for k, v in parts.items()},
@@ -222,8 +308,48 @@ class ImageListDataset:
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
-        except Exception as e:
-            raise DatasetError(f"cannot read {path} (it was readable when the split was made): {e}") from e
+        except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
+            raise UnreadableImage(str(path), f"{type(e).__name__}: {e}") from e
         if self.transform is not None:
             img = self.transform(img)
         return img, label
+
+
+class Unreadable:
+    """What `SkipUnreadable` yields in place of an image it cannot read: picklable, so it crosses
+    from a DataLoader worker to the collate function, which drops it."""
+
+    __slots__ = ("path", "error")
+
+    def __init__(self, path: str, error: str):
+        self.path, self.error = path, error
+
+    def __reduce__(self):
+        return Unreadable, (self.path, self.error)
+
+
+class SkipUnreadable:
+    """A dataset view that turns an image which became unreadable after the split into an
+    `Unreadable` marker, as the split skipped the ones unreadable at split time: a training run of
+    hours must not die (in a DataLoader worker, with a traceback) on one file."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except UnreadableImage as e:
+            return Unreadable(e.path, e.error)
+
+
+def collate_readable(batch: Sequence[Any]):
+    """Collate the readable samples of a batch; returns (collated batch or None, skipped paths)."""
+    from torch.utils.data import default_collate
+
+    good = [b for b in batch if not isinstance(b, Unreadable)]
+    skipped = [f"{b.path}: {b.error}" for b in batch if isinstance(b, Unreadable)]
+    return (default_collate(good) if good else None), skipped

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,62 @@ from .records import atomic_write_bytes
 
 FORMAT = "rsedge-model/1"
 META_KEY = "rsedge"
+REQUIRED_META = ("arch", "classes", "input_size", "normalization")
+
+
+class ModelFileError(ValueError):
+    """A file given as a model (or as initial weights) that is not one rsedge can read: the CLI
+    prints it as one line, exit code 2."""
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """What a file that is not an rsedge model looks like, from its first bytes and its name,
+    so the error tells the user what they gave ("an ONNX file"), not a decoder's message."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    suffix = path.suffix.lower()
+    if size == 0:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a PyTorch .pt/.pth checkpoint?)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle (a PyTorch .pth checkpoint?)"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip archive (a .tar.gz bundle?)"
+    if suffix == ".onnx" or (len(head) > 2 and head[0] == 0x08 and head[1] < 0x20
+                             and head[2] in (0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42)):
+        return "an ONNX file"
+    if suffix in (".engine", ".trt", ".plan"):
+        return "a TensorRT engine"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"GIF8", b"BM")):
+        return "an image"
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size:
+        return "a damaged safetensors file"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file"
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file"
+    return "a file of unknown format"
+
+
+def _model_path(path: str | os.PathLike, what: str = "model file") -> Path:
+    path = Path(path)
+    if path.is_dir():
+        inner = path / "model.safetensors"
+        hint = f": did you mean {inner}?" if inner.is_file() else ""
+        raise ModelFileError(f"{path} is a folder, not a {what}{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def not_a_model(path: str | os.PathLike, error: BaseException | None = None) -> ModelFileError:
+    kind = describe_file(path)
+    if kind == "a damaged safetensors file":
+        return ModelFileError(f"{path} is a damaged or truncated safetensors file ({type(error).__name__}: {error})")
+    return ModelFileError(f"{path} is {kind}, not an rsedge model file (.safetensors written by rsedge)")
 
 _CONV_ATTRS = ("in_channels", "out_channels", "groups")
 
@@ -287,27 +344,53 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata alone, without reading the weights."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(META_KEY)
+    path = _model_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: whatever it is, it is no model file
+        raise not_a_model(path, e) from e
     if raw is None:
-        raise ValueError(f"{path} is a safetensors file but not an rsedge model (no '{META_KEY}' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported model format {meta.get('format')!r}")
+        raise ModelFileError(f"{path} is a safetensors file but not an rsedge model (no '{META_KEY}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: its '{META_KEY}' metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ModelFileError(f"{path}: unsupported model format {found!r} (this rsedge reads {FORMAT})")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ModelFileError(f"{path}: the model metadata lacks {', '.join(missing)}")
     return meta
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+    path = _model_path(path)
     meta = read_metadata(path)
-    model = _fresh(meta["arch"], len(meta["classes"]))
-    model = apply_layout(model, meta.get("layout", {}))
-    state = load_file(str(path), device="cpu")
-    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}, strict=True)
+    try:
+        model = _fresh(meta["arch"], len(meta["classes"]))
+        model = apply_layout(model, meta.get("layout", {}))
+    except (KeyError, ValueError, AttributeError, TypeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ModelFileError(f"{path}: cannot rebuild its model: {msg}") from e
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged tensor section
+        raise ModelFileError(f"{path}: its tensors cannot be read ({type(e).__name__}: {e}); "
+                             f"the file is damaged or truncated") from e
+    weights = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    wrong = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    if missing or extra or wrong:
+        example = (missing or extra or wrong)[0]
+        raise ModelFileError(f"{path}: its tensors do not fit its own layout ({len(missing)} missing, "
+                             f"{len(extra)} unexpected, {len(wrong)} of another shape, e.g. {example})")
+    model.load_state_dict(weights, strict=True)
     return model.to(device).eval(), meta
 
 

@@ -63,3 +63,21 @@ def write_record(run_dir: str | os.PathLike, stage: str, record: dict[str, Any])
     path = run_dir / "record.json"
     atomic_write_json(path, full)
     return path
+
+
+RUN_MARKERS = ("record.json", "model.safetensors", "checkpoint.safetensors")
+
+
+def prepare_run_dir(out: str | os.PathLike, *, resume: bool = False, exist_ok: bool = False) -> Path:
+    """Create the run directory, refusing one that already holds a run: a silent overwrite loses a
+    model the user may have paid hours for. `resume` continues it, `exist_ok` overwrites it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and not (resume or exist_ok):
+        found = [m for m in RUN_MARKERS if (out / m).exists()]
+        if found:
+            raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                                  f"--exist-ok to overwrite it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -12,7 +12,8 @@ from .datasets import ImageListDataset, check_classes, load_split, resolve_split
 from .metrics import plot_confusion
 from .modelfile import load_model, read_metadata, save_model
 from .models import create_model
-from .records import atomic_write_json, write_record
+from .records import RUN_MARKERS, atomic_write_json, prepare_run_dir, write_record
+from .sampling import check_fraction, fraction_info, stratified_fraction, subsample_dataset
 from .train import TrainConfig, evaluate, fit, pick_device, seed_everything
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
@@ -75,10 +76,15 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    exist_ok: bool = False,
+    partial_weights: bool = False,
 ) -> dict[str, Any]:
+    """`exist_ok`: overwrite a run already in `out` (else refused unless `resume`);
+    `partial_weights`: accept `weights` of which less than 90 % fits the model."""
     cfg = (cfg or TrainConfig()).resolved()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if weights is not None:  # a wrong file is refused before the images are scanned
+        initial = check_initial_weights(model_name, weights, partial_weights)
+    out = open_run_dir(out, resume=resume, exist_ok=exist_ok, log=log)
     final = out / "model.safetensors"
     if resume and final.is_file() and (out / "record.json").is_file():
         log(f"{final} exists: training already finished (delete it to train again)")
@@ -92,9 +98,12 @@ def train_run(
     norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     size = [img_size, img_size]
     train_ds, val_ds, test_ds = datasets_for(split, size, norm)
+    train_ds, fraction = subsample_dataset(train_ds, cfg.fraction, cfg.seed, classes, log)
     log(f"data: {len(classes)} classes, train {len(train_ds)} / val {len(val_ds)} / test {len(test_ds)}")
     seed_everything(cfg.seed)  # the initial weights are part of what --seed fixes
-    model = create_model(model_name, len(classes), weights)
+    model = create_model(model_name, len(classes), weights, partial_weights=partial_weights)
+    if weights is not None:
+        log(initial.pop("message"))
     meta = {
         "arch": model_name,
         "classes": classes,
@@ -106,24 +115,55 @@ def train_run(
     }
     model, history = fit(model, train_ds, val_ds, cfg, out, meta, resume=resume, progress=progress, log=log)
     device = pick_device(cfg.device)
-    result = evaluate(model, test_ds, classes, device, workers=cfg.workers)
+    result = evaluate(model, test_ds, classes, device, workers=cfg.workers, log=log)
     meta["metrics"] = {"test_top1": result["top1"], "val_top1": history[-1]["val_top1"] if history else None}
     save_model(final, model.cpu(), meta)
     write_eval_outputs(out, result, classes, f"{model_name} test split")
     log(format_per_class(result))
     record = {
         "inputs": {"data": split["root"], "model": model_name, "initial_weights": weights},
+        "initial_weights": initial if weights is not None else None,
         "parameters": {"img_size": img_size, **asdict(cfg)},
         "split": {"file": "split.json", "counts": split["counts"], "skipped": len(split["skipped"]),
                   "seed": split["seed"]},
+        "fraction": fraction,
         "history": history,
-        "test": {k: result[k] for k in ("top1", "samples", "per_class")},
+        "test": {k: result[k] for k in ("top1", "samples", "per_class", "skipped_images")},
         "params": meta_params(final),
-        "outputs": {"model": final.name, "confusion": "confusion.png", "metrics": "metrics.json"},
+        "outputs": {"model": final.name, "confusion": "confusion.png", "metrics": "metrics.json",
+                    "results": "results.csv", "curves": "results.png"},
     }
     write_record(out, "train", record)
     (out / "checkpoint.safetensors").unlink(missing_ok=True)
     return record
+
+
+def check_initial_weights(model_name: str, weights: str | Path, partial: bool) -> dict[str, Any]:
+    """Load `weights` into a throw-away instance (two classes: the head does not count), so a
+    file that is no weights file, or weights of another architecture, fail in a second."""
+    import torch
+
+    from .models import load_initial_weights
+
+    with torch.random.fork_rng(devices=[]):
+        return load_initial_weights(create_model(model_name, 2), weights, partial=partial, arch=model_name)
+
+
+def open_run_dir(out: str | Path, resume: bool = False, exist_ok: bool = False,
+                 log: Callable[[str], None] = print) -> Path:
+    """`prepare_run_dir` (a run already there is refused unless `resume` or `exist_ok`); an
+    accepted overwrite first removes the previous run's model, checkpoint, record and split, so a
+    new run that fails early is never mistaken for the old one, nor resumes from it."""
+    out = prepare_run_dir(out, resume=resume, exist_ok=exist_ok)
+    if exist_ok and not resume:
+        old = [out / m for m in RUN_MARKERS if (out / m).exists()]
+        if old and (out / "split.json").is_file():
+            old.append(out / "split.json")
+        for f in old:
+            f.unlink()
+        if old:
+            log(f"--exist-ok: removed the previous run's {', '.join(f.name for f in old)} from {out}")
+    return out
 
 
 def meta_params(path: Path) -> int:
@@ -140,9 +180,13 @@ def eval_run(
     device: str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    fraction: float = 1.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate on the model's own test split when `data` is the folder it was trained on
-    (`part=auto`), otherwise on every image of `data` (a separate test set)."""
+    (`part=auto`), otherwise on every image of `data` (a separate test set); `fraction`: on a
+    stratified part of those images."""
+    check_fraction(fraction)
     model, meta = load_model(model_file)
     root = Path(data).resolve()
     classes_here, samples = scan_image_folder(root)
@@ -166,9 +210,16 @@ def eval_run(
         if split is None:
             raise ValueError(f"--split {part} needs the model's split file for {root}; use --split all")
         items = split[part]
+    sampled = None
+    if fraction < 1:
+        items, total = stratified_fraction(items, fraction, seed), items
+        sampled = fraction_info(fraction, seed, items, total, meta["classes"])
+        log(f"--fraction {fraction:g}: {len(items)} of {len(total)} images, stratified by class (seed {seed})")
     ds = ImageListDataset(root, items, eval_transform(meta["input_size"], **meta["normalization"]))
-    result = evaluate(model, ds, meta["classes"], pick_device(device), batch_size, workers, progress)
+    result = evaluate(model, ds, meta["classes"], pick_device(device), batch_size, workers, progress, log=log)
     result["split"] = part
+    if sampled is not None:
+        result["fraction"] = sampled
     log(format_per_class(result))
     if out is not None:
         out = Path(out)

@@ -7,6 +7,8 @@ must look at structure, not only at the mean colour, yet a small CNN learns it i
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -124,13 +126,47 @@ def render(cls: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def _synth_image(path: Path, cls: str) -> bool:
+    return path.is_file() and re.fullmatch(rf"{re.escape(cls)}_\d+\.(png|jpg|jpeg|tif|tiff|bmp)", path.name) is not None
+
+
+def clear_for_synth(out: Path, exist_ok: bool = False) -> None:
+    """New images written among old ones (another seed, size or count) make a dataset nobody
+    asked for, so a non-empty folder is refused; with `exist_ok` an earlier `data synth` output
+    is deleted first, and a folder holding anything else is still refused (nothing of the user's
+    is ever deleted)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    foreign = [p for p in entries if not (p.is_dir() and p.name in CLASSES)]
+    foreign += [f for p in entries if p.is_dir() and p.name in CLASSES for f in sorted(p.iterdir())
+                if not _synth_image(f, p.name)]
+    if foreign:
+        raise FileExistsError(f"{out} is not empty and holds files `rsedge data synth` did not write "
+                              f"(e.g. {foreign[0]}): choose an empty or new --out")
+    if not any(any(p.iterdir()) for p in entries):  # empty class folders only
+        return
+    if not exist_ok:
+        raise FileExistsError(f"{out} already holds a synthetic dataset: new images would mix with the old ones; "
+                              f"pass --exist-ok to replace it, or choose an empty or new --out")
+    for p in entries:
+        shutil.rmtree(p)
+
+
 def make_synthetic_dataset(
-    out: str | os.PathLike, per_class: int = 60, size: int = 64, seed: int = 0, fmt: str = "png"
+    out: str | os.PathLike, per_class: int = 60, size: int = 64, seed: int = 0, fmt: str = "png",
+    exist_ok: bool = False,
 ) -> dict[str, int]:
-    """Write `out/<class>/<class>_<n>.<fmt>`; same seed, same bytes."""
+    """Write `out/<class>/<class>_<n>.<fmt>`; same seed, same bytes. A non-empty `out` is refused
+    unless it holds an earlier output of this function and `exist_ok` (then that is replaced)."""
     from PIL import Image
 
     out = Path(out)
+    clear_for_synth(out, exist_ok)
     counts = {}
     for ci, cls in enumerate(CLASSES):
         d = out / cls

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .curves import curve_title, write_curves
 from .metrics import confusion_matrix, summarize
 from .modelfile import load_extra_tensors, load_model, read_metadata, save_model
 
@@ -42,6 +43,7 @@ class TrainConfig:
     amp: bool = True
     device: str = "auto"
     label_smoothing: float = 0.0
+    fraction: float = 1.0  # of the training images, stratified by class (datasets.stratified_fraction)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
@@ -50,6 +52,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be sgd or adamw, not {c.optimizer!r}")
         if c.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be cosine, step or constant, not {c.schedule!r}")
+        if not 0 < c.fraction <= 1:
+            raise ValueError(f"--fraction must be in (0, 1], not {c.fraction}")
         if c.lr is None:
             c.lr = 0.05 if c.optimizer == "sgd" else 1e-3
         if c.weight_decay is None:
@@ -100,11 +104,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, epoch: int, workers: int, drop_last: bool = False):
+def warn_skipped(skipped: Sequence[str], log: Callable[[str], None] | None = print, what: str = "") -> None:
+    if skipped and log is not None:
+        log(f"warning: {what}{len(skipped)} image(s) unreadable since the split was made were skipped, "
+            f"e.g. {skipped[0]}")
+
+
+class SkippingLoader:
+    """A DataLoader over `SkipUnreadable(dataset)` that iterates (x, y) batches as usual; the
+    images of the last pass that could not be read are in `skipped` ("path: error"), and
+    `report(skipped)` is called once at the end of a pass that skipped any."""
+
+    def __init__(self, loader, min_batch: int = 1, report: Callable[[list[str]], None] | None = None):
+        self.loader, self.min_batch, self.report = loader, min_batch, report
+        self.dataset = loader.dataset.dataset
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.skipped = []
+        try:
+            for batch, bad in self.loader:
+                self.skipped.extend(bad)
+                # a batch cut to one image by skips cannot train BatchNorm
+                if batch is not None and len(batch[1]) >= self.min_batch:
+                    yield batch
+        finally:
+            if self.skipped and self.report is not None:
+                self.report(self.skipped)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, epoch: int, workers: int, drop_last: bool = False,
+                min_batch: int = 1, report: Callable[[list[str]], None] | None = warn_skipped) -> SkippingLoader:
+    from .datasets import SkipUnreadable, collate_readable
+
     g = torch.Generator()
     g.manual_seed(seed * 1000003 + epoch)
-    return torch.utils.data.DataLoader(
-        dataset,
+    loader = torch.utils.data.DataLoader(
+        SkipUnreadable(dataset),
         batch_size=batch_size,
         shuffle=shuffle,
         generator=g,
@@ -112,15 +151,20 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, epoch: int, 
         drop_last=drop_last and len(dataset) > batch_size,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        collate_fn=collate_readable,
     )
+    return SkippingLoader(loader, min_batch, report)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, classes: Sequence[str], device: torch.device | str = "cpu",
-             batch_size: int = 128, workers: int = 1, progress: bool = False) -> dict[str, Any]:
+             batch_size: int = 128, workers: int = 1, progress: bool = False,
+             log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Top-1, per-class accuracy and confusion matrix; images that became unreadable are
+    skipped, counted in `skipped_images` and warned about through `log` (None: silent)."""
     device = torch.device(device)
     model.eval().to(device)
-    loader = make_loader(dataset, batch_size, False, 0, 0, workers)
+    loader = make_loader(dataset, batch_size, False, 0, 0, workers, report=None)
     preds, targets = [], []
     it = loader
     if progress:
@@ -133,7 +177,12 @@ def evaluate(model: nn.Module, dataset, classes: Sequence[str], device: torch.de
         targets.append(y)
     p = torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
     t = torch.cat(targets).numpy() if targets else np.zeros(0, np.int64)
-    return summarize(confusion_matrix(t, p, len(classes)), classes)
+    result = summarize(confusion_matrix(t, p, len(classes)), classes)
+    result["skipped_images"] = len(loader.skipped)
+    if loader.skipped:
+        result["skipped"] = loader.skipped
+        warn_skipped(loader.skipped, log, "evaluation: ")
+    return result
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -212,12 +261,16 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     loss_fn = loss_fn or (lambda logits, y, x: criterion(logits, y))
     classes = meta["classes"]
+    if history and history[-1].get("val_top1") is None and val_ds is not None and len(val_ds) > 0:
+        log(f"validating epoch {history[-1]['epoch']}, which the interrupted run checkpointed but did not validate")
+        _validate_epoch(model, val_ds, history[-1], [], classes, device, cfg, log)
 
     for epoch in range(start_epoch, cfg.epochs):
         if on_epoch_start is not None:
             on_epoch_start(model, epoch)
         model.train()
-        loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, epoch, cfg.workers, drop_last=True)
+        loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, epoch, cfg.workers, drop_last=True,
+                             min_batch=2, report=None)
         n_batches = max(len(loader), 1)
         t0 = time.perf_counter()
         seen, loss_sum, correct = 0, 0.0, 0
@@ -249,20 +302,17 @@ def fit(
             correct += int((logits.argmax(1) == y).sum())
             if progress:
                 it.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2g}")
-        has_val = val_ds is not None and len(val_ds) > 0
-        val = evaluate(model, val_ds, classes, device, workers=cfg.workers) if has_val else None
         entry = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1),
-            "val_top1": val["top1"] if val else None,
+            "val_top1": None,
             "lr": lr_at(cfg, epoch),
             "seconds": round(time.perf_counter() - t0, 2),
+            "skipped_images": len(loader.skipped),
         }
         history.append(entry)
-        val_txt = f" val_top1 {entry['val_top1']:.4f}" if val else ""
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f} train_acc {entry['train_acc']:.4f}"
-            f"{val_txt} ({entry['seconds']:.1f}s)")
+        # the finished epoch is on disk before anything that can still fail (validation included)
         tensors, opt_info = _optimizer_tensors(opt)
         tensors["rng.torch"] = torch.get_rng_state()
         ck_meta = dict(meta)
@@ -274,4 +324,22 @@ def fit(
             **({"scaler": scaler.state_dict()} if use_amp else {}),
         }
         save_model(ckpt, model, ck_meta, extra_tensors=tensors)
+        _validate_epoch(model, val_ds, entry, loader.skipped, classes, device, cfg, log)
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        write_curves(run_dir, history, curve_title(meta))
+        val_txt = f" val_top1 {entry['val_top1']:.4f}" if entry["val_top1"] is not None else ""
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f} train_acc {entry['train_acc']:.4f}"
+            f"{val_txt} ({entry['seconds']:.1f}s)")
     return model.eval(), history
+
+
+def _validate_epoch(model: nn.Module, val_ds, entry: dict[str, Any], train_skipped: Sequence[str], classes,
+                    device: torch.device, cfg: TrainConfig, log: Callable[[str], None]) -> None:
+    """Fill in the epoch's validation accuracy and its count of skipped images, warned about once."""
+    val = None
+    if val_ds is not None and len(val_ds) > 0:
+        val = evaluate(model, val_ds, classes, device, workers=cfg.workers, log=None)
+        entry["val_top1"] = val["top1"]
+    val_skipped = val.get("skipped", []) if val else []
+    entry["skipped_images"] = entry.get("skipped_images", 0) + len(val_skipped)
+    warn_skipped(list(train_skipped) + val_skipped, log, f"epoch {entry['epoch']}: ")

@@ -1,0 +1,33 @@
+"""Where a benchmark script writes its results, and the help formatter they share.
+
+A run made to try something must not overwrite the committed results the READMEs quote, so
+results go to benchmarks/work/results/ (git-ignored) unless the run says `--commit-results`
+(then benchmarks/results/, and `git diff benchmarks/results/` shows what changed).
+"""
+from pathlib import Path
+
+from rsedge.runtime.cli import HelpFormatter
+
+HERE = Path(__file__).resolve().parent
+COMMITTED = HERE / "results"
+WORK = HERE / "work" / "results"
+
+
+# The runtime's formatter: '(default: X)' only where there is a meaningful default.
+Formatter = HelpFormatter
+
+
+def add_output_options(parser, flag="--results", what="the result files"):
+    parser.add_argument(flag, default=None, metavar="DIR",
+                        help=f"folder for {what}; default: benchmarks/work/results/ (git-ignored), or "
+                             "benchmarks/results/ with --commit-results")
+    parser.add_argument("--commit-results", action="store_true",
+                        help="write the results into benchmarks/results/, the committed files the READMEs quote, "
+                             "instead of the git-ignored benchmarks/work/results/")
+
+
+def results_dir(folder, commit):
+    """The folder to write into: the one given, else the committed or the work folder."""
+    if folder:
+        return Path(folder)
+    return COMMITTED if commit else WORK
