@@ -142,14 +142,18 @@ def measure(export_dir: Path, images, labels, args) -> dict:
     import numpy as np
 
     from rsedge.export.onnx_export import run_onnx
-    from rsedge.runtime.benchmark import run_benchmark
+    from rsedge.runtime.bench.benchmark import run_benchmark
 
     cache = export_dir / "bench.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     out = {}
-    for key, name in (("fp32", "model.onnx"), ("int8", "model_int8.onnx")):
+    # latency is measured with ONNX Runtime on the CPU: the INT8 file made for it (uint8 activations),
+    # not the TensorRT-convention one, which ONNX Runtime's CPU kernels run slower than FP32
+    for key, name in (("fp32", "model.onnx"), ("int8", "model_int8_cpu.onnx")):
         path = export_dir / name
+        if not path.is_file():
+            raise SystemExit(f"{path} was not written (its export record says why): rerun that export")
         acc = float(np.mean(run_onnx(path, images, batch=256).argmax(1) == labels))
         bench = run_benchmark(str(path), backend="onnxruntime", batch_sizes=(1,), warmup_s=0.5, iterations=50,
                               duration_s=args.bench_seconds, threads=args.threads, power=False)
