@@ -82,10 +82,11 @@ def main(argv=None):
 
     import onnxruntime as ort
 
-    from rsedge.runtime import benchmark, conditions
     from rsedge.runtime.backends import random_inputs
-    from rsedge.runtime.backends_ort import OrtRunner
+    from rsedge.runtime.backends.ort import OrtRunner
+    from rsedge.runtime.bench import benchmark
     from rsedge.runtime.fileio import atomic_write_text, utc_now
+    from rsedge.runtime.jetson import conditions
 
     tmp = tempfile.mkdtemp(prefix="rsedge-overhead-")
     model = os.path.join(tmp, "resnet18.onnx")

@@ -14,7 +14,7 @@ Stages, each resumed from benchmarks/work/int8_cpu/ when it is already done:
 3. the glue: onnxruntime's pre-processing pass and `quantize_static` with its CPU settings
    (QDQ, QUInt8 activations, QInt8 per-channel weights) on the same calibration tensors;
 4. top-1 of the four files in ONNX Runtime on the same stratified sample of the validation
-   split, and their batch-1 latency with the runtime's own benchmark (rsedge.runtime.benchmark),
+   split, and their batch-1 latency with the runtime's own benchmark (rsedge.runtime.bench.benchmark),
    the same settings for all, in interleaved rounds (ABCD, DCBA, ...) so drift cancels.
 
     python benchmarks/bench_int8_cpu.py --commit-results
@@ -202,8 +202,8 @@ def eval_set(args, work: Path, model_file: Path) -> tuple[np.ndarray, np.ndarray
 
 
 def latency(paths: dict[str, Path], args, log) -> dict[str, dict]:
-    """Batch-1 latency of each file with rsedge.runtime.benchmark, in interleaved rounds."""
-    from rsedge.runtime.benchmark import run_benchmark
+    """Batch-1 latency of each file with rsedge.runtime.bench.benchmark, in interleaved rounds."""
+    from rsedge.runtime.bench.benchmark import run_benchmark
 
     rounds: dict[str, list[float]] = {k: [] for k in paths}
     docs: dict[str, dict] = {}
@@ -228,7 +228,7 @@ def latency(paths: dict[str, Path], args, log) -> dict[str, dict]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from rsedge.export.onnx_export import run_onnx
+    from rsedge.export.onnx_export import evaluate_onnx
     from rsedge.export.onnx_graph import int8_coverage
     from rsedge.trainer.records import atomic_write_bytes, atomic_write_json, now_iso, versions
 
@@ -261,9 +261,9 @@ def main(argv=None) -> int:
     paths = {name: ex / f for name, f in files.items()}
     rows = {}
     for name, path in paths.items():
-        pred = run_onnx(path, images).argmax(1)
-        rows[name] = {"file": path.name, "correct": int(np.sum(pred == labels)), "images": int(len(labels)),
-                      "top1": float(np.mean(pred == labels)), "mb": path.stat().st_size / 1e6,
+        acc = evaluate_onnx(path, images, labels, task="classification")
+        rows[name] = {"file": path.name, "correct": int(acc["correct"]), "images": int(len(labels)),
+                      "top1": float(acc["top1"]), "mb": path.stat().st_size / 1e6,
                       **(int8_coverage(path) if name != "fp32" else {})}
         log(f"{name}: top-1 {rows[name]['correct']}/{len(labels)}")
     for name, lat in latency(paths, args, log).items():

@@ -6,7 +6,7 @@ results go to benchmarks/work/results/ (git-ignored) unless the run says `--comm
 """
 from pathlib import Path
 
-from rsedge.runtime.cli import HelpFormatter
+from rsedge.runtime.helpformat import HelpFormatter
 
 HERE = Path(__file__).resolve().parent
 COMMITTED = HERE / "results"

@@ -98,7 +98,7 @@ def done(d):
 
 
 def machine():
-    from rsedge.runtime.conditions import collect_conditions
+    from rsedge.runtime.jetson.conditions import collect_conditions
 
     try:
         cond = collect_conditions()
@@ -117,7 +117,7 @@ def main(argv=None):
     from rsedge.compress.prune import prune_run
     from rsedge.compress.sparse import sparse_train_run
     from rsedge.export.run import export_run
-    from rsedge.runtime.benchmark import run_benchmark
+    from rsedge.runtime.bench.benchmark import run_benchmark
     from rsedge.trainer.records import atomic_write_bytes, atomic_write_json, now_iso, read_json, versions
     from rsedge.trainer.run import train_run
     from rsedge.trainer.train import TrainConfig
@@ -173,7 +173,8 @@ def main(argv=None):
             sp = run / "sparse"
             if not done(sp):
                 log(f"l1rr: sparse training ({sparse_epochs} epochs)")
-                sparse_train_run(base_model, data, sp, "l1rr", cfg(sparse_epochs, 0.01, "sgd"), resume=True, log=log)
+                sparse_train_run(base_model, data, sp, method="l1rr", cfg=cfg(sparse_epochs, 0.01, "sgd"), resume=True,
+                                 log=log)
             source = sp / "model.safetensors"
         pr = run / "prune"
         if not done(pr):

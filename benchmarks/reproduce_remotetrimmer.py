@@ -139,9 +139,8 @@ def test_arrays(split: dict, meta: dict, cache: Path):
 
 def measure(export_dir: Path, images, labels, args) -> dict:
     """FP32 and INT8: test top-1 in ONNX Runtime and benchmark latency; cached in bench.json."""
-    import numpy as np
 
-    from rsedge.export.onnx_export import run_onnx
+    from rsedge.export.onnx_export import evaluate_onnx
     from rsedge.runtime.bench.benchmark import run_benchmark
 
     cache = export_dir / "bench.json"
@@ -154,7 +153,7 @@ def measure(export_dir: Path, images, labels, args) -> dict:
         path = export_dir / name
         if not path.is_file():
             raise SystemExit(f"{path} was not written (its export record says why): rerun that export")
-        acc = float(np.mean(run_onnx(path, images, batch=256).argmax(1) == labels))
+        acc = float(evaluate_onnx(path, images, labels, task="classification", batch=256)["top1"])
         bench = run_benchmark(str(path), backend="onnxruntime", batch_sizes=(1,), warmup_s=0.5, iterations=50,
                               duration_s=args.bench_seconds, threads=args.threads, power=False)
         r = bench["results"][0]

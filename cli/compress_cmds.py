@@ -4,23 +4,13 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from rsedge.compress.methods import METHOD_SPECS, METHODS, methods_help
+
 from .options import add_fraction_option, train_config
 
-# the same tuple as rsedge.compress.prune.METHODS (a test checks): importing it would load torch
-# for `rsedge --help`
-PRUNE_METHODS = ("random", "l1", "bn-scale", "fpgm", "taylor", "cap", "group", "l1rr")
+PRUNE_METHODS = METHODS  # --method's choices and the help below come from the one table of methods
 
-PRUNE_METHODS_HELP = """\
-methods (the score of a channel; the lowest go):
-  random    uniform random scores, the control (seeded)
-  l1        L1 norm of the output filter (Li et al. 2017)
-  bn-scale  |BN gamma| (network slimming, Liu et al. 2017); --threshold allowed
-  fpgm      sum of L2 distances to the layer's other filters (FPGM, He et al. 2019)
-  taylor    |mean over the filter of dL/dw * w| on training batches (seed 002); needs --data
-  cap       RemoteTrimmer channel attention: SE-probe attention s_bar * |gamma| (seed 000); needs --data
-  group     Torch-Pruning's group L2 magnitude (DepGraph, Fang et al. 2023)
-  l1rr      |gamma| after `rsedge sparse-train --method l1rr`, one global threshold (seed 001);
-            --threshold, --ratio, or --target-lfa (default 0.01, needs --data)
+PRUNE_METHODS_HELP = methods_help() + """
 
 how much: --ratio, --threshold, --target-lfa, or a budget --target-macs / --target-params
 (a fraction of the model's count in (0, 1), or a count above 1), for which the ratio is searched.
@@ -44,55 +34,64 @@ def prune_amount(args) -> tuple[float | None, float | None]:
     ratio, target_lfa = args.ratio, args.target_lfa
     if ratio is not None or args.threshold is not None or target_lfa is not None or budget:
         return ratio, target_lfa
-    if args.method != "l1rr":
+    default_lfa = METHOD_SPECS[args.method].default_target_lfa
+    if default_lfa is None:
         return 0.5, None
     if args.data is None:
-        raise ValueError("--method l1rr without --ratio or --threshold defaults to --target-lfa 0.01, which needs "
-                         "--data DIR (the training data folder); or give --ratio R or --threshold T")
-    return None, 0.01
+        raise ValueError(f"--method {args.method} without --ratio or --threshold defaults to --target-lfa "
+                         f"{default_lfa:g}, which needs --data DIR (the training data folder); or give --ratio R or "
+                         "--threshold T")
+    return None, default_lfa
 
 
 def cmd_prune(args) -> int:
-    from rsedge.compress.prune import prune_run
+    from rsedge.compress.prune import PruneOptions, prune_run
 
     ratio, target_lfa = prune_amount(args)
-    prune_run(args.model, args.out, method=args.method, ratio=ratio, round_to=args.round_to,
-              global_pruning=args.global_pruning, data=args.data, threshold=args.threshold, target_lfa=target_lfa,
-              min_channels=args.min_channels, max_ratio=args.max_ratio, exclude=args.exclude or (),
-              coupling=args.coupling, compensate_bias=args.compensate, steps=args.steps,
-              step_epochs=args.step_epochs, step_lr=args.step_lr, taylor_batches=args.taylor_batches,
-              cap_epochs=args.cap_epochs, cap_samples=args.cap_samples, cap_lr=args.cap_lr,
-              cap_train_model=args.cap_train_model, lfa_images=args.lfa_images, batch_size=args.batch_size,
-              workers=args.workers, seed=args.seed, device=args.device, progress=not args.quiet,
-              target_macs=args.target_macs, target_params=args.target_params, fraction=args.fraction,
-              exist_ok=args.exist_ok)
+    options = PruneOptions(
+        method=args.method, ratio=ratio, threshold=args.threshold, target_lfa=target_lfa,
+        target_macs=args.target_macs, target_params=args.target_params, global_pruning=args.global_pruning,
+        round_to=args.round_to, min_channels=args.min_channels, max_ratio=args.max_ratio, exclude=args.exclude or (),
+        coupling=args.coupling, compensate_bias=args.compensate, steps=args.steps, step_epochs=args.step_epochs,
+        step_lr=args.step_lr, data=args.data, taylor_batches=args.taylor_batches, cap_epochs=args.cap_epochs,
+        cap_samples=args.cap_samples, cap_lr=args.cap_lr, cap_train_model=args.cap_train_model,
+        lfa_images=args.lfa_images, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+        device=args.device, fraction=args.fraction, progress=not args.quiet, exist_ok=args.exist_ok)
+    prune_run(args.model, args.out, options)
     print(f"pruned model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
 
 def cmd_sparse_train(args) -> int:
-    from rsedge.compress.sparse import sparse_train_run
+    from rsedge.compress.sparse import SparseOptions, sparse_train_run
 
-    sparse_train_run(args.model, args.data, args.out, method=args.method, cfg=train_config(args), sr=args.sr,
-                     theta=args.theta, lambda_a=args.lambda_a, eps=args.eps, phase_epochs=args.phase_epochs,
-                     threshold=args.sparse_threshold, resume=args.resume, progress=not args.quiet,
-                     exist_ok=args.exist_ok)
+    options = SparseOptions(method=args.method, cfg=train_config(args), sr=args.sr, theta=args.theta,
+                            lambda_a=args.lambda_a, eps=args.eps, phase_epochs=args.phase_epochs,
+                            threshold=args.sparse_threshold, resume=args.resume, exist_ok=args.exist_ok,
+                            progress=not args.quiet)
+    sparse_train_run(args.model, args.data, args.out, options)
     print(f"sparse-trained model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from rsedge.compress.finetune import finetune_run
+    from rsedge.compress.finetune import FinetuneOptions, finetune_run
 
-    finetune_run(args.model, args.data, args.out, cfg=train_config(args), loss=args.loss, aml_r=args.aml_r,
-                 resume=args.resume, progress=not args.quiet, kd_from=args.kd_from,
-                 kd_temperature=args.kd_temperature, kd_weight=args.kd_weight, preset=args.preset,
-                 exist_ok=args.exist_ok)
+    options = FinetuneOptions(cfg=train_config(args), loss=args.loss, aml_r=args.aml_r, kd_from=args.kd_from,
+                              kd_temperature=args.kd_temperature, kd_weight=args.kd_weight, preset=args.preset,
+                              resume=args.resume, exist_ok=args.exist_ok, progress=not args.quiet)
+    finetune_run(args.model, args.data, args.out, options)
     print(f"fine-tuned model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
 
 def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..., None]) -> None:
+    add_prune_parser(sub, formatter)
+    add_sparse_train_parser(sub, formatter, add_training_options)
+    add_finetune_parser(sub, formatter, add_training_options)
+
+
+def add_prune_parser(sub, formatter: type) -> None:
     pr = sub.add_parser("prune", help="structured channel pruning, physically slimmed", formatter_class=formatter,
                         epilog=PRUNE_METHODS_HELP)
     pr.add_argument("--model", required=True, help="model file to prune")
@@ -129,6 +128,11 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
     shapes.add_argument("--compensate", action="store_true",
                         help="fold the constant a removed channel still emits (its BN shift) into the "
                         "consumer's bias / BN mean")
+    _add_prune_schedule_and_data(pr)
+    pr.set_defaults(func=cmd_prune)
+
+
+def _add_prune_schedule_and_data(pr) -> None:
     sched = pr.add_argument_group("iterative schedule")
     sched.add_argument("--steps", type=int, default=1,
                        help="prune in this many steps, fine-tuning briefly between them (needs --data)")
@@ -151,8 +155,9 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
     add_fraction_option(crit, "the training images taylor, cap and --steps read")
     crit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     crit.add_argument("--quiet", action="store_true", help="no progress bars")
-    pr.set_defaults(func=cmd_prune)
 
+
+def add_sparse_train_parser(sub, formatter: type, add_training_options: Callable[..., None]) -> None:
     s = sub.add_parser("sparse-train", help="train BatchNorm scales sparse (network slimming or L1RR)",
                        formatter_class=formatter)
     s.add_argument("--model", required=True, help="model file to sparse-train (usually the trained baseline)")
@@ -172,6 +177,8 @@ def add_compress_parsers(sub, formatter: type, add_training_options: Callable[..
     add_training_options(s, epochs=20, sgd_lr=0.01)
     s.set_defaults(func=cmd_sparse_train)
 
+
+def add_finetune_parser(sub, formatter: type, add_training_options: Callable[..., None]) -> None:
     f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the same split", formatter_class=formatter)
     f.add_argument("--model", required=True, help="model file to fine-tune")
     f.add_argument("--data", required=True, help="dataset root (the model's split is reused when it matches)")

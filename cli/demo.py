@@ -9,7 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -26,9 +26,10 @@ def _settings(fast: bool) -> dict[str, Any]:
 
 
 def onnx_accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
-    from rsedge.export.onnx_export import run_onnx
+    """Top-1 of an ONNX file by the runtime's evaluation (ONNX Runtime on the CPU)."""
+    from rsedge.export.onnx_export import evaluate_onnx
 
-    return float(np.mean(run_onnx(path, images).argmax(1) == labels))
+    return float(evaluate_onnx(path, images, labels, task="classification")["top1"])
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -45,15 +46,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, progress: bool = True) -> dict[str, Any]:
     import torch
 
-    from rsedge.compress.finetune import finetune_run
-    from rsedge.compress.prune import prune_run
-    from rsedge.export.run import export_run, preprocess_items
-    from rsedge.runtime.benchmark import run_benchmark
-    from rsedge.trainer.datasets import load_split
-    from rsedge.trainer.run import train_run
-    from rsedge.trainer.synth import make_synthetic_dataset
-    from rsedge.trainer.train import TrainConfig
-
     s = _settings(fast)
     out_arg = str(out)
     out = Path(out).resolve()
@@ -65,6 +57,49 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, progress: 
     def step(msg: str) -> None:
         print(f"\n== [{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
+    rec = _pipeline(out, s, progress, step)
+    images, labels = _test_set(out)
+    rows, bench_docs = _measure(out, images, labels, s, threads, step)
+    base, pruned, int8 = rows
+    checks = {
+        "pruned_params_ratio": pruned["params"] / base["params"],
+        "pruned_params_at_most_60pct": pruned["params"] <= 0.6 * base["params"],
+        "pruned_accuracy_drop_points": 100 * (base["accuracy"] - pruned["accuracy"]),
+        "pruned_accuracy_within_3_points": base["accuracy"] - pruned["accuracy"] <= 0.03,
+        "int8_size_ratio": int8["onnx_mb"] / pruned["onnx_mb"],
+        "int8_at_most_35pct_of_fp32": int8["onnx_mb"] <= 0.35 * pruned["onnx_mb"],
+    }
+    summary = {
+        "variants": rows,
+        "checks": checks,
+        "settings": {"model": DEMO_MODEL, "img_size": DEMO_IMG, "fast": fast, "threads": threads,
+                     "test_images": int(len(labels)), "backend": "onnxruntime CPU", "batch": 1, **s},
+        "int8_parity": rec["int8_cpu"]["agreement_with_fp32"],
+        "conditions": bench_docs[0].get("conditions", {}),
+        "versions": versions(),
+        "date": now_iso(),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    table = format_table(rows)
+    report = _report(summary, table, out_arg, fast)
+    atomic_write_bytes(out / "report.md", report.encode())
+    print("\n" + table + "\n")
+    print(report.split("\n\n", 3)[3] if report.count("\n\n") >= 3 else "")
+    print(f"report: {out / 'report.md'}   summary: {out / 'summary.json'}")
+    return summary
+
+
+def _pipeline(out: Path, s: dict[str, Any], progress: bool, step: Callable[[str], None]) -> dict[str, Any]:
+    """Data, train, prune, fine-tune, export: each stage with its options, as the CLI runs them;
+    returns the pruned model's export record."""
+    from rsedge.compress.finetune import FinetuneOptions, finetune_run
+    from rsedge.compress.prune import PruneOptions, prune_run
+    from rsedge.export.run import ExportOptions, export_run
+    from rsedge.trainer.run import TrainOptions, train_run
+    from rsedge.trainer.synth import make_synthetic_dataset
+    from rsedge.trainer.train import TrainConfig
+
     data = out / "data"
     step(f"synthetic land-cover data -> {data}")
     make_synthetic_dataset(data, per_class=s["per_class"], size=64, seed=0, exist_ok=True)  # a rerun replaces it
@@ -73,28 +108,42 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, progress: 
     workers = 0 if (os.cpu_count() or 1) <= 2 else 2
     cfg = TrainConfig(epochs=s["epochs"], batch_size=32, optimizer="adamw", lr=2e-3, warmup_epochs=1, seed=0,
                       workers=workers)
-    train_run(data, DEMO_MODEL, out / "baseline", img_size=DEMO_IMG, cfg=cfg, progress=progress, exist_ok=True)
+    train_run(data, DEMO_MODEL, out / "baseline", TrainOptions(img_size=DEMO_IMG, cfg=cfg, progress=progress,
+                                                               exist_ok=True))
 
     step("prune 50 % of the channels of every layer (filter L1 norm, multiples of 8)")
-    prune_run(out / "baseline" / "model.safetensors", out / "pruned", method="l1", ratio=0.5, round_to=8, data=data,
-              exist_ok=True)
+    prune_run(out / "baseline" / "model.safetensors", out / "pruned",
+              PruneOptions(method="l1", ratio=0.5, round_to=8, data=data, exist_ok=True))
 
     step("fine-tune the pruned model")
     ft_cfg = TrainConfig(epochs=s["ft_epochs"], batch_size=32, optimizer="adamw", lr=1e-3, seed=0, workers=workers)
-    finetune_run(out / "pruned" / "model.safetensors", data, out / "finetuned", cfg=ft_cfg, progress=progress,
-                 exist_ok=True)
+    finetune_run(out / "pruned" / "model.safetensors", data, out / "finetuned",
+                 FinetuneOptions(cfg=ft_cfg, progress=progress, exist_ok=True))
 
     step("export baseline to ONNX")
-    export_run(out / "baseline" / "model.safetensors", out / "export_baseline", exist_ok=True)
+    export_run(out / "baseline" / "model.safetensors", out / "export_baseline", ExportOptions(exist_ok=True))
     step("export the pruned model to ONNX and INT8 Q/DQ ONNX (one for TensorRT, one for ONNX Runtime's CPU kernels)")
-    rec = export_run(out / "finetuned" / "model.safetensors", out / "export_pruned", int8=True, calib_data=data,
-                     calib_size=256, exist_ok=True)
+    rec = export_run(out / "finetuned" / "model.safetensors", out / "export_pruned",
+                     ExportOptions(int8=True, calib_data=data, calib_size=256, exist_ok=True))
     if rec["int8_cpu"]["status"] != "written":
         raise RuntimeError(f"the CPU INT8 variant was not written: {rec['int8_cpu']['reason']}")
+    return rec
+
+
+def _test_set(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The baseline's test split, preprocessed as the models expect it."""
+    from rsedge.export.run import preprocess_items
+    from rsedge.trainer.datasets import load_split
+    from rsedge.trainer.modelfile import read_metadata
 
     split = load_split(out / "baseline" / "split.json")
-    meta_like = {"input_size": [DEMO_IMG, DEMO_IMG], "normalization": _normalization(out)}
-    images, labels = preprocess_items(split["root"], split["test"], meta_like)
+    return preprocess_items(split["root"], split["test"], read_metadata(out / "baseline" / "model.safetensors"))
+
+
+def _measure(out: Path, images: np.ndarray, labels: np.ndarray, s: dict[str, Any], threads: int,
+             step: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Accuracy and latency of each variant; (the table's rows, the benchmark documents)."""
+    from rsedge.runtime.bench.benchmark import run_benchmark
 
     variants = [
         ("baseline", out / "export_baseline" / "model.onnx", out / "export_baseline" / "record.json", "onnx"),
@@ -103,8 +152,7 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, progress: 
         ("pruned-int8", out / "export_pruned" / "model_int8_cpu.onnx", out / "export_pruned" / "record.json",
          "int8_cpu"),
     ]
-    rows = []
-    bench_docs = []
+    rows, bench_docs = [], []
     for name, path, record_path, key in variants:
         step(f"accuracy and latency of {name} ({path.name})")
         record = json.loads(record_path.read_text())
@@ -130,35 +178,19 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, progress: 
             "fps": r0["throughput_ips"],
         })
         print(f"   accuracy {acc:.4f}, median {r0['latency_ms']['median']:.3f} ms, {r0['throughput_ips']:.1f} FPS")
+    return rows, bench_docs
 
-    base, pruned, int8 = rows
-    checks = {
-        "pruned_params_ratio": pruned["params"] / base["params"],
-        "pruned_params_at_most_60pct": pruned["params"] <= 0.6 * base["params"],
-        "pruned_accuracy_drop_points": 100 * (base["accuracy"] - pruned["accuracy"]),
-        "pruned_accuracy_within_3_points": base["accuracy"] - pruned["accuracy"] <= 0.03,
-        "int8_size_ratio": int8["onnx_mb"] / pruned["onnx_mb"],
-        "int8_at_most_35pct_of_fp32": int8["onnx_mb"] <= 0.35 * pruned["onnx_mb"],
-    }
-    conditions = bench_docs[0].get("conditions", {})
-    summary = {
-        "variants": rows,
-        "checks": checks,
-        "settings": {"model": DEMO_MODEL, "img_size": DEMO_IMG, "fast": fast, "threads": threads,
-                     "test_images": int(len(labels)), "backend": "onnxruntime CPU", "batch": 1, **s},
-        "int8_parity": rec["int8_cpu"]["agreement_with_fp32"],
-        "conditions": conditions,
-        "versions": versions(),
-        "date": now_iso(),
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
-    atomic_write_json(out / "summary.json", summary)
-    table = format_table(rows)
+
+def _report(summary: dict[str, Any], table: str, out_arg: str, fast: bool) -> str:
+    """report.md: the table, the checks in words, how to reproduce."""
+    rows, checks, st = summary["variants"], summary["checks"], summary["settings"]
+    _, pruned, int8 = rows
+    conditions = summary["conditions"]
     cpu = conditions.get("cpu") or conditions.get("cpu_model") or "this CPU"
-    report = (
-        f"# rsedge demo\n\n{DEMO_MODEL} on synthetic land-cover data ({len(labels)} test images, "
+    return (
+        f"# rsedge demo\n\n{DEMO_MODEL} on synthetic land-cover data ({st['test_images']} test images, "
         f"{DEMO_IMG}x{DEMO_IMG}); accuracy from ONNX Runtime on the test split; latency: ONNX Runtime CPU, batch 1, "
-        f"{threads} threads, on {cpu}.\n\n{table}\n\n"
+        f"{st['threads']} threads, on {cpu}.\n\n{table}\n\n"
         f"- pruned parameters: {checks['pruned_params_ratio']:.1%} of the baseline "
         f"({'ok' if checks['pruned_params_at_most_60pct'] else 'ABOVE 60 %'})\n"
         f"- accuracy change after pruning and fine-tuning: {0.0 - checks['pruned_accuracy_drop_points']:+.2f} points "
@@ -169,17 +201,6 @@ def run_demo(out: str | os.PathLike = "demo_out", fast: bool = False, progress: 
         f"Reproduce: `rsedge demo --out {out_arg}{' --fast' if fast else ''}` "
         f"({summary['seconds']:.0f} s, {summary['date']}).\n"
     )
-    atomic_write_bytes(out / "report.md", report.encode())
-    print("\n" + table + "\n")
-    print(report.split("\n\n", 3)[3] if report.count("\n\n") >= 3 else "")
-    print(f"report: {out / 'report.md'}   summary: {out / 'summary.json'}")
-    return summary
-
-
-def _normalization(out: Path) -> dict[str, Any]:
-    from rsedge.trainer.modelfile import read_metadata
-
-    return read_metadata(out / "baseline" / "model.safetensors")["normalization"]
 
 
 def _int8_words(speedup: float) -> str:

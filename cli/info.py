@@ -45,7 +45,7 @@ def info_summary(path: str, all_layers: bool = False) -> str:
     size = list(meta["input_size"])
     classes = list(meta["classes"])
     with torch.device("meta"):
-        reference = create_model(meta["arch"], len(classes))
+        reference = create_model(meta["arch"], len(classes), **meta.get("model_args", {}))
     params, macs = count_params(model), count_macs(model, size)
     ref_params, ref_macs = count_params(reference), count_macs(reference, size)
     norm = meta.get("normalization", {})

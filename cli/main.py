@@ -77,39 +77,43 @@ def cmd_models(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from rsedge.trainer.run import train_run
+    from rsedge.trainer.run import TrainOptions, train_run
 
-    train_run(args.data, args.model, args.out, img_size=args.img_size, cfg=_train_config(args), weights=args.weights,
-              val=args.val, test=args.test, split_file=args.split, resume=args.resume, progress=not args.quiet,
-              exist_ok=args.exist_ok, partial_weights=args.partial_weights)
+    options = TrainOptions(img_size=args.img_size, cfg=_train_config(args), weights=args.weights,
+                           partial_weights=args.partial_weights, val=args.val, test=args.test, split_file=args.split,
+                           resume=args.resume, exist_ok=args.exist_ok, progress=not args.quiet)
+    train_run(args.data, args.model, args.out, options)
     print(f"model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from rsedge.trainer.run import eval_run
+    from rsedge.trainer.run import EvalOptions, eval_run
 
-    eval_run(args.model, args.data, args.out, part=args.split, batch_size=args.batch_size, device=args.device,
-             progress=not args.quiet, fraction=args.fraction, seed=args.seed)
+    eval_run(args.model, args.data, args.out, EvalOptions(part=args.split, batch_size=args.batch_size,
+                                                          device=args.device, progress=not args.quiet,
+                                                          fraction=args.fraction, seed=args.seed))
     return 0
 
 
 def cmd_export(args) -> int:
-    from rsedge.export.run import export_run
+    from rsedge.export.run import ExportOptions, export_run
 
-    export_run(args.model, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch, simplifier=args.simplifier,
-               int8=args.int8, calib_data=args.calib_data, calib_size=args.calib_size,
-               calib_method=args.calib_method, data=args.data, max_drop=args.max_drop,
-               guard_images=args.guard_images, exist_ok=args.exist_ok, fraction=args.fraction)
+    options = ExportOptions(opset=args.opset, dynamic_batch=args.dynamic_batch, simplifier=args.simplifier,
+                            data=args.data, int8=args.int8, calib_data=args.calib_data, calib_size=args.calib_size,
+                            calib_method=args.calib_method, max_drop=args.max_drop, guard_images=args.guard_images,
+                            fraction=args.fraction, exist_ok=args.exist_ok)
+    export_run(args.model, args.out, options)
     return 0
 
 
 def cmd_bundle(args) -> int:
-    from rsedge.export.bundle import bundle_run
+    from rsedge.export.bundle import BundleOptions, bundle_run
 
-    bundle_run(args.model, args.out, data=args.data, calib_size=args.calib_size, calib_method=args.calib_method,
-               eval_size=args.eval_size, max_drop=None if args.max_drop < 0 else args.max_drop, opset=args.opset,
-               dynamic_batch=not args.static_batch, tar=args.tar)
+    bundle_run(args.model, args.out, BundleOptions(
+        data=args.data, calib_size=args.calib_size, calib_method=args.calib_method, eval_size=args.eval_size,
+        max_drop=None if args.max_drop < 0 else args.max_drop, opset=args.opset, dynamic_batch=not args.static_batch,
+        tar=args.tar, fraction=args.fraction))
     print(f"on the device: rsedge-bench {args.out}")
     return 0
 
@@ -140,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"rsedge {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_data_parsers(sub)
+    _add_model_parsers(sub)
+    add_compress_parsers(sub, _Formatter, _add_training_options)
+    _add_export_parsers(sub)
+    _add_tool_parsers(sub)
+    return p
+
+
+def _add_data_parsers(sub) -> None:
+    """`rsedge data synth` and `rsedge data check`."""
     d = sub.add_parser("data", help="make or check datasets", formatter_class=_Formatter)
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     s = dsub.add_parser("synth", help="write the synthetic land-cover dataset (demo and tests)",
@@ -162,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fraction_option(c, "the images (a quick look at a large folder; not with --out)")
     c.set_defaults(func=cmd_data_check)
 
+
+def _add_model_parsers(sub) -> None:
+    """`rsedge models`, `rsedge train`, `rsedge eval`."""
     m = sub.add_parser("models", help="list the architectures of the registry with their params and MACs",
                        formatter_class=_Formatter)
     m.add_argument("--img-size", type=int, default=224, help="input side in pixels the MACs are counted at")
@@ -198,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fraction_option(e, "the evaluated images")
     e.set_defaults(func=cmd_eval)
 
-    add_compress_parsers(sub, _Formatter, _add_training_options)
 
+def _add_export_parsers(sub) -> None:
+    """`rsedge export` and `rsedge bundle`."""
     x = sub.add_parser("export", help="ONNX (+ INT8 Q/DQ) with parity check and metadata", formatter_class=_Formatter)
     x.add_argument("--model", required=True, help="model file to export")
     x.add_argument("--out", required=True,
@@ -238,12 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation range calibration of the Q/DQ model")
     bd.add_argument("--eval-size", type=int, default=500, help="evaluation images from the test split")
     bd.add_argument("--max-drop", type=float, default=1.0,
-                    help="INT8 accuracy guard budget in top-1 points (negative: no guard)")
+                    help="INT8 accuracy guard budget in top-1 points, counted in whole validation images, for the "
+                    "TensorRT and the CPU INT8 file each; a file that cannot meet it is left out of the bundle and "
+                    "the manifest says why (negative: no guard)")
     bd.add_argument("--opset", type=int, default=13, help="ONNX opset (13 for TensorRT 8.2 / JetPack 4)")
     bd.add_argument("--static-batch", action="store_true",
                     help="batch 1 only (default: dynamic batch, so the device can build batch profiles)")
+    _add_fraction_option(bd, "the training images the INT8 calibration set is drawn from (the evaluation set "
+                         "stays whole)")
     bd.set_defaults(func=cmd_bundle)
 
+
+def _add_tool_parsers(sub) -> None:
+    """`rsedge bench` and `build` (handed to the runtime), `info`, `demo`."""
     b = sub.add_parser("bench", help="benchmark ONNX models or TensorRT engines (same as rsedge-bench)",
                        add_help=False)
     b.set_defaults(func=None, passthrough="bench")
@@ -264,16 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--fast", action="store_true", help="fewer epochs and shorter benchmarks (a smoke test)")
     dm.add_argument("--quiet", action="store_true", help="no progress bars")
     dm.set_defaults(func=cmd_demo)
-    return p
 
 
 
 def _bench_torch_runner(path: str, threads: int | None = None, log=None):
     """`rsedge bench MODEL.safetensors`: the host model as a runtime Runner, for a PyTorch row (the device has none)."""
     from rsedge.export.bundle import preprocess_spec
-    from rsedge.runtime.backends_torch import TorchRunner
+    from rsedge.runtime.backends.pytorch import TorchRunner
     from rsedge.runtime.errors import RuntimeToolError
     from rsedge.trainer.modelfile import load_model
+    from rsedge.trainer.tasks import task_for
 
     try:
         model, meta = load_model(path)
@@ -281,7 +306,7 @@ def _bench_torch_runner(path: str, threads: int | None = None, log=None):
         raise RuntimeToolError(f"cannot load {path} as an rsedge model file: {e}") from e
     spec = preprocess_spec(meta)
     return TorchRunner(model, (3,) + tuple(spec["input_size"]), device="auto", metadata=spec, threads=threads,
-                       model_path=str(path))
+                       model_path=str(path), output_names=task_for(meta).export_outputs(meta))
 
 
 def _passthrough(name: str, argv: list[str]) -> int:
@@ -289,7 +314,7 @@ def _passthrough(name: str, argv: list[str]) -> int:
         from rsedge.runtime.cli import main as bench_main
 
         return int(bench_main(argv, prog="rsedge bench", model_loader=_bench_torch_runner) or 0)
-    from rsedge.runtime.trt_build import main_build
+    from rsedge.runtime.build.trt_build import main_build
 
     return int(main_build(argv, prog="rsedge build") or 0)
 

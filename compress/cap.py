@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .taylor import LossFn, default_loss
+
 
 class SEProbe(nn.Module):
     def __init__(self, channels: int, reduction: int = 16):
@@ -43,11 +45,17 @@ def channel_attention(
     seed: int = 0,
     progress: bool = False,
     probes: dict[nn.BatchNorm2d, SEProbe] | None = None,
+    loss: LossFn | None = None,
 ) -> tuple[dict[nn.BatchNorm2d, torch.Tensor], dict[str, float]]:
     """Returns s_bar per BatchNorm and a summary. `train_batches` is called once per epoch
-    (an iterable of (images, labels)); `sample_batches` gives the images s is averaged over.
+    (an iterable of (images, targets)); the probes learn to minimize the task's
+    `loss(outputs, targets, images)` (default: cross-entropy); `sample_batches` gives the images
+    s is averaged over.
     With `train_model` the network trains with its probes; call `fold_attention` once the scores
     are taken so that the model without probes approximates the one that was trained."""
+    from rsedge.trainer.train import to_device
+
+    loss_fn = loss or default_loss()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probes = probes or {bn: SEProbe(bn.num_features) for bn in bns}
@@ -82,11 +90,12 @@ def channel_attention(
 
                 it = tqdm(train_batches, desc=f"CAP probes {epoch + 1}/{epochs}", unit="batch", leave=False)
             for x, y in it:
-                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                x, y = to_device(x, device), to_device(y, device)
+                value = loss_fn(model(x), y, x)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 opt.step()
-                losses.append(loss.item())
+                losses.append(value.item())
         model.eval()
         collect = {bn: [] for bn in bns}
         count = 0

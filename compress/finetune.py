@@ -1,16 +1,15 @@
 """The `finetune` stage: recover the accuracy a pruned model lost, on the same split."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from rsedge.trainer.datasets import check_classes
-from rsedge.trainer.modelfile import derive_meta, load_model, save_model
-from rsedge.trainer.records import read_json, write_record
-from rsedge.trainer.run import datasets_for, format_per_class, open_run_dir, split_for_model, write_eval_outputs
-from rsedge.trainer.sampling import subsample_dataset
-from rsedge.trainer.train import TrainConfig, evaluate, fit, pick_device
+from rsedge.trainer.modelfile import derive_meta, load_model
+from rsedge.trainer.stage import TRAINING_OUTPUTS, Stage, build_options
+from rsedge.trainer.tasks import task_for
+from rsedge.trainer.train import LossFn, TrainConfig, pick_device
 
 from .losses import adaptive_mining_loss, distillation_loss
 
@@ -31,92 +30,91 @@ def apply_preset(cfg: TrainConfig, preset: str | None) -> TrainConfig:
     return TrainConfig(**{**asdict(cfg), **PRESETS[preset]})
 
 
-def finetune_run(
-    model_file: str | Path,
-    data: str | Path,
-    out: str | Path,
-    cfg: TrainConfig | None = None,
-    loss: str = "ce",
-    aml_r: float = 0.4,
-    resume: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    kd_from: str | Path | None = None,
-    kd_temperature: float = 4.0,
-    kd_weight: float = 0.5,
-    preset: str | None = None,
-    exist_ok: bool = False,
-) -> dict[str, Any]:
-    """`kd_from`: an (unpruned) model file whose logits the student also matches, with weight
-    `kd_weight` against (1 - kd_weight) for the hard-label loss. `preset="remotetrimmer"` sets
-    the seed paper's optimizer and schedule over `cfg`. A run already in `out` is refused unless
-    `resume` (continue it) or `exist_ok` (overwrite it)."""
-    cfg = apply_preset(cfg or TrainConfig(epochs=5, lr=0.01), preset).resolved()
-    if loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}")
-    if not 0 <= kd_weight <= 1:
-        raise ValueError(f"--kd-weight must be between 0 and 1, not {kd_weight}")
-    if kd_temperature <= 0:
-        raise ValueError(f"--kd-temperature must be positive, not {kd_temperature}")
-    out = open_run_dir(out, resume=resume, exist_ok=exist_ok, log=log)
-    final = out / "model.safetensors"
-    if resume and final.is_file() and (out / "record.json").is_file():
-        log(f"{final} exists: fine-tuning already finished")
-        return read_json(out / "record.json")
+@dataclass
+class FinetuneOptions:
+    """`rsedge finetune`: the training configuration, the loss, distillation and a preset."""
+
+    cfg: TrainConfig | None = None  # default 5 epochs at lr 0.01
+    loss: str = "ce"  # ce (the task's loss) or aml (RemoteTrimmer's adaptive mining loss)
+    aml_r: float = 0.4  # weight of the cross-entropy term in AML
+    kd_from: str | Path | None = None  # an (unpruned) model file whose logits the student also matches
+    kd_temperature: float = 4.0
+    kd_weight: float = 0.5  # against (1 - kd_weight) for the hard-label loss
+    preset: str | None = None  # "remotetrimmer": the seed paper's optimizer and schedule over `cfg`
+    resume: bool = False
+    exist_ok: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}")
+        if not 0 <= self.kd_weight <= 1:
+            raise ValueError(f"--kd-weight must be between 0 and 1, not {self.kd_weight}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"--kd-temperature must be positive, not {self.kd_temperature}")
+
+
+def finetune_run(model_file: str | Path, data: str | Path, out: str | Path, options: FinetuneOptions | None = None,
+                 *, log: Callable[[str], None] = print, **fields: Any) -> dict[str, Any]:
+    """Fine-tune on the model's own split. A run already in `out` is refused unless `resume`
+    (continue it) or `exist_ok` (overwrite it); `fields` replace those of `options`."""
+    o = build_options(FinetuneOptions, options, fields)
+    cfg = apply_preset(o.cfg or TrainConfig(epochs=5, lr=0.01), o.preset).resolved()
+    o.check()
+    stage = Stage("finetune", out, resume=o.resume, exist_ok=o.exist_ok, progress=o.progress, log=log)
+    done = stage.finished("fine-tuning already finished")
+    if done is not None:
+        return done
     model, meta = load_model(model_file)
-    split = split_for_model(meta, data, out, seed=cfg.seed, progress=progress, log=log)
-    train_ds, val_ds, test_ds = datasets_for(split, meta["input_size"], meta["normalization"])
-    train_ds, fraction = subsample_dataset(train_ds, cfg.fraction, cfg.seed, meta["classes"], log)
-    loss_fn = None
-    if loss == "aml":
-        loss_fn = lambda logits, y, x: adaptive_mining_loss(logits, y, aml_r)  # noqa: E731
+    d = stage.data(stage.model_split(meta, data, cfg.seed), meta, cfg)
+    loss_fn = adaptive_loss(o.aml_r) if o.loss == "aml" else None
     teacher_info = None
-    if kd_from is not None:
-        import torch
-        import torch.nn.functional as F
-
-        teacher, tmeta = load_model(kd_from, device=pick_device(cfg.device))
-        check_classes(meta["classes"], tmeta["classes"], what=f"teacher {kd_from}")
-        if list(tmeta["input_size"]) != list(meta["input_size"]):
-            raise ValueError(f"teacher input size {tmeta['input_size']} differs from the student's "
-                             f"{meta['input_size']}")
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        hard = loss_fn or (lambda logits, y, x: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
-
-        def loss_fn(logits, y, x):
-            with torch.no_grad():
-                t_logits = teacher(x).float()
-            return (1 - kd_weight) * hard(logits, y, x) + kd_weight * distillation_loss(logits, t_logits,
-                                                                                        kd_temperature)
-
-        teacher_info = {"model": str(Path(kd_from).resolve()), "arch": tmeta["arch"], "params": tmeta.get("params"),
-                        "temperature": kd_temperature, "weight": kd_weight}
+    if o.kd_from is not None:
+        loss_fn, teacher_info = distilled_loss(o, meta, cfg, loss_fn or task_for(meta).training_loss(cfg))
     new_meta = derive_meta(
         meta, "finetune",
-        history_entry={"epochs": cfg.epochs, "loss": loss, "source": str(Path(model_file).resolve()),
+        history_entry={"epochs": cfg.epochs, "loss": o.loss, "source": str(Path(model_file).resolve()),
                        **({"kd_from": teacher_info["model"]} if teacher_info else {}),
-                       **({"preset": preset} if preset and preset != "none" else {})},
-        split=str((out / "split.json").resolve()),
+                       **({"preset": o.preset} if o.preset and o.preset != "none" else {})},
+        split=str(stage.split_path),
     )
-    model, history = fit(model, train_ds, val_ds, cfg, out, new_meta, resume=resume, loss_fn=loss_fn,
-                         progress=progress, log=log)
-    result = evaluate(model, test_ds, meta["classes"], pick_device(cfg.device), workers=cfg.workers, log=log)
-    new_meta["metrics"] = {"test_top1": result["top1"], "val_top1": history[-1]["val_top1"] if history else None}
-    save_model(final, model.cpu(), new_meta)
-    write_eval_outputs(out, result, meta["classes"], f"{meta['arch']} fine-tuned, test split")
-    log(format_per_class(result))
-    record = {
-        "inputs": {"model": str(Path(model_file).resolve()), "data": split["root"]},
-        "parameters": {"loss": loss, "aml_r": aml_r if loss == "aml" else None, "preset": preset,
+    model, history = stage.fit(model, d, cfg, new_meta, loss_fn=loss_fn)
+    test = stage.conclude(model, d, cfg, new_meta, history, f"{meta['arch']} fine-tuned, test split")
+    return stage.record({
+        "inputs": {"model": str(Path(model_file).resolve()), "data": d.split["root"]},
+        "parameters": {"loss": o.loss, "aml_r": o.aml_r if o.loss == "aml" else None, "preset": o.preset,
                        "distillation": teacher_info, **asdict(cfg)},
-        "fraction": fraction,
+        "fraction": d.fraction,
         "history": history,
-        "test": {k: result[k] for k in ("top1", "samples", "per_class", "skipped_images")},
-        "outputs": {"model": final.name, "confusion": "confusion.png", "results": "results.csv",
-                    "curves": "results.png"},
-    }
-    write_record(out, "finetune", record)
-    (out / "checkpoint.safetensors").unlink(missing_ok=True)
-    return record
+        "test": test,
+        "outputs": dict(TRAINING_OUTPUTS),
+    })
+
+
+def adaptive_loss(r: float) -> LossFn:
+    return lambda logits, y, x: adaptive_mining_loss(logits, y, r)
+
+
+def distilled_loss(o: FinetuneOptions, meta: dict[str, Any], cfg: TrainConfig, hard: LossFn
+                   ) -> tuple[LossFn, dict[str, Any]]:
+    """`hard` mixed with the distillation of the teacher `o.kd_from` (frozen, same classes and
+    input size as the student); the loss and the record's description of the teacher."""
+    import torch
+
+    teacher, tmeta = load_model(o.kd_from, device=pick_device(cfg.device))
+    check_classes(meta["classes"], tmeta["classes"], what=f"teacher {o.kd_from}")
+    if list(tmeta["input_size"]) != list(meta["input_size"]):
+        raise ValueError(f"teacher input size {tmeta['input_size']} differs from the student's {meta['input_size']}")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def loss_fn(logits, y, x):
+        with torch.no_grad():
+            t_logits = teacher(x).float()
+        return (1 - o.kd_weight) * hard(logits, y, x) + o.kd_weight * distillation_loss(logits, t_logits,
+                                                                                        o.kd_temperature)
+
+    info = {"model": str(Path(o.kd_from).resolve()), "arch": tmeta["arch"], "params": tmeta.get("params"),
+            "temperature": o.kd_temperature, "weight": o.kd_weight}
+    return loss_fn, info

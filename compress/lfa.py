@@ -2,11 +2,11 @@
 
 FA(D) = 1/k sum_images sum(F * M): the activation of the feature map F inside the target region
 M; L_FA = 1 - FA_pruned / FA_sparse. The paper reads F at each detection layer and M from the
-boxes. For classification we read F at the last feature map (the input of the global pooling)
-and take as target region of an image the class-activation map of the *sparse* model for the
-image's label, thresholded at its mean; Grad-CAM weights make this the classic CAM for a
-pooling + linear head and keep it defined for VGG's MLP head. Detection and segmentation will
-pass their boxes or masks to `feature_attention` instead (`masks` is any {0,1} map at F's size).
+boxes. We read F at the last feature map (the input of the global pooling), and the task gives
+M (`Task.target_regions`, any {0,1} map at F's size): for classification the class-activation
+map of the *sparse* model for the image's label, thresholded at its mean (Grad-CAM weights make
+this the classic CAM for a pooling + linear head and keep it defined for VGG's MLP head);
+detection and segmentation give their boxes or masks.
 
 Pruned models are evaluated as masked copies of the sparse model, which compute exactly what
 the slimmed model would (see `compress.slim`), so a search costs forward passes, not slimming.
@@ -47,20 +47,6 @@ def feature_model(model: nn.Module, copy: bool = True) -> nn.Module:
     out.args = ((logits, node),)
     gm.recompile()
     return gm.eval()
-
-
-def target_masks(fm: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """Grad-CAM of the label, thresholded at its per-image mean (>=, so a 1x1 map is all target)."""
-    masks = []
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch]
-        y = labels[i:i + batch]
-        with torch.enable_grad():
-            logits, feat = fm(x)
-            grads = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), feat)[0]
-        cam = (grads.mean((2, 3), keepdim=True) * feat).sum(1).detach()
-        masks.append((cam >= cam.mean((1, 2), keepdim=True)).float())
-    return torch.cat(masks)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,26 +21,16 @@ import torch
 from torch import nn
 
 from rsedge.trainer.modelfile import derive_meta, load_model, save_model
-from rsedge.trainer.records import write_record
+from rsedge.trainer.models import head_modules
+from rsedge.trainer.tasks import task_for
 
 from .counting import count_macs, count_params
 from .importance import Criterion, get_criterion
+from .methods import METHOD_SPECS, METHODS, THRESHOLD_METHODS, MethodSpec, method_spec
 from .plan import build_units, layer_table, select
 from .slim import apply_plan, compensate, conv_widths, masked_copy
 
-METHODS = ("random", "l1", "bn-scale", "fpgm", "taylor", "cap", "group", "l1rr")
-THRESHOLD_METHODS = ("bn-scale", "l1rr")
-DATA_METHODS = ("taylor", "cap", "l1rr")
 COUPLINGS = ("shared", "reconstruct")
-
-
-def _conv_widths(model: nn.Module) -> dict[str, int]:
-    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-
-
-def classifier_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
-    """Layers whose outputs are the class scores: never pruned."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
 
 
 def excluded_layers(model: nn.Module, patterns: Sequence[str]) -> list[nn.Module]:
@@ -56,7 +47,7 @@ def excluded_layers(model: nn.Module, patterns: Sequence[str]) -> list[nn.Module
 def make_criterion(method: str, seed: int = 0) -> Criterion:
     if method not in METHODS:
         raise KeyError(f"unknown pruning method {method!r}; known: {', '.join(METHODS)}")
-    if method in ("taylor", "cap"):
+    if METHOD_SPECS[method].data:
         raise ValueError(f"--method {method} needs data: compute its scores first (prune_run does, with --data)")
     return get_criterion(method, seed=seed) if method == "random" else get_criterion(method)
 
@@ -64,7 +55,6 @@ def make_criterion(method: str, seed: int = 0) -> Criterion:
 def prune_network(
     model: nn.Module,
     input_size: Sequence[int],
-    num_classes: int,
     method: str = "l1",
     ratio: float | None = 0.5,
     round_to: int | None = 8,
@@ -80,9 +70,12 @@ def prune_network(
     compensate_inputs: torch.Tensor | None = None,
     original: dict[str, int] | None = None,
     seed: int = 0,
+    head: Sequence[str] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune `model`; returns the pruned model (the same object under shared coupling, a traced
-    copy under reconstruction) and the report: per-layer table, counts before and after."""
+    copy under reconstruction) and the report: per-layer table, counts before and after.
+    `head`: the modules never pruned, by name; default: the head the model's spec declares (a
+    model made by `create_model`), never guessed."""
     if coupling not in COUPLINGS:
         raise ValueError(f"--coupling must be one of {', '.join(COUPLINGS)}, not {coupling!r}")
     crit = criterion or make_criterion(method, seed)
@@ -95,7 +88,7 @@ def prune_network(
     example = torch.zeros(1, 3, *input_size, device=device)
     before_w = conv_widths(model)
     before = {"params": count_params(model), "macs": count_macs(model, input_size)}
-    ignored = list(classifier_layers(model, num_classes)) + list(ignored) + excluded_layers(model, exclude)
+    ignored = head_modules(model, head) + list(ignored) + excluded_layers(model, exclude)
     plan = build_units(model, example, crit, ignored, coupling, original)
     gamma = score_distribution(plan, threshold) if threshold is not None else None
     select(plan, ratio=ratio, threshold=threshold, global_ranking=global_pruning, round_to=round_to,
@@ -160,7 +153,6 @@ def format_distribution(d: dict[str, Any]) -> str:
 def prune_model(
     model: nn.Module,
     input_size: Sequence[int],
-    num_classes: int,
     method: str = "l1",
     ratio: float = 0.5,
     round_to: int | None = 8,
@@ -172,8 +164,7 @@ def prune_model(
     before and after. Residual reconstruction changes the graph: use `prune_network`."""
     if kwargs.get("coupling", "shared") != "shared":
         raise ValueError("prune_model prunes in place; --coupling reconstruct returns a new model: use prune_network")
-    pruned, report = prune_network(model, input_size, num_classes, method, ratio, round_to, global_pruning,
-                                   ignored, **kwargs)
+    pruned, report = prune_network(model, input_size, method, ratio, round_to, global_pruning, ignored, **kwargs)
     assert pruned is model
     return report
 
@@ -181,91 +172,112 @@ def prune_model(
 class _Data:
     """The training data a data-driven method reads: the model's own split when it applies."""
 
-    def __init__(self, data, out: Path, meta: dict[str, Any], seed: int, batch_size: int, workers: int,
-                 progress: bool, log: Callable[[str], None], fraction: float = 1.0):
-        from rsedge.trainer.datasets import check_classes, load_split, resolve_split
-        from rsedge.trainer.run import datasets_for
+    def __init__(self, data, out: Path, meta: dict[str, Any], o: PruneOptions, log: Callable[[str], None]):
         from rsedge.trainer.sampling import subsample_dataset
+        from rsedge.trainer.stage import split_for_model
 
-        split_file = meta.get("split")
-        if split_file and Path(split_file).is_file() and Path(load_split(split_file)["root"]) != Path(data).resolve():
-            log(f"{data} is not the folder the model was trained on: making a new split")
-            split_file = None
-        self.split = resolve_split(data, out, split_file, seed=seed, progress=progress)
-        check_classes(meta["classes"], self.split["classes"], what=f"folder {self.split['root']}")
-        self.train, self.val, _ = datasets_for(self.split, meta["input_size"], meta["normalization"])
-        self.train_eval, _, _ = datasets_for(self.split, meta["input_size"], meta["normalization"], augment=False)
-        self.train, self.fraction = subsample_dataset(self.train, fraction, seed, meta["classes"], log)
-        self.train_eval, _ = subsample_dataset(self.train_eval, fraction, seed)
-        self.seed, self.batch_size, self.workers = seed, batch_size, workers
+        self.split = split_for_model(meta, data, out, seed=o.seed, progress=o.progress, log=log)
+        self.task = task_for(meta)
+        self.train, self.val, _ = self.task.datasets(self.split, meta)
+        self.train_eval, _, _ = self.task.datasets(self.split, meta, augment=False)
+        self.train, self.fraction = subsample_dataset(self.train, o.fraction, o.seed, meta["classes"], log)
+        self.train_eval, _ = subsample_dataset(self.train_eval, o.fraction, o.seed)
+        self.seed, self.batch_size, self.workers = o.seed, o.batch_size, o.workers
 
     def loader(self, ds, shuffle: bool, epoch: int = 0):
         from rsedge.trainer.train import make_loader
 
-        return make_loader(ds, self.batch_size, shuffle, self.seed, epoch, self.workers)
+        return make_loader(ds, self.batch_size, shuffle, self.seed, epoch, self.workers, collate=self.task.collate)
 
     def tensors(self, ds, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed)
+        from rsedge.trainer.datasets import SkipUnreadable, Unreadable
+
         idx = torch.randperm(len(ds), generator=g)[:n].tolist()
-        xs, ys = zip(*(ds[i] for i in idx)) if idx else ((), ())
+        view = SkipUnreadable(ds)
+        samples = [view[i] for i in idx]
+        bad = [s for s in samples if isinstance(s, Unreadable)]
+        if bad:
+            print(f"warning: {len(bad)} image(s) unreadable since the split was made, skipped, e.g. {bad[0].path}")
+        good = [s for s in samples if not isinstance(s, Unreadable)]
+        xs, ys = zip(*good) if good else ((), ())
         if not xs:
             raise ValueError("the split has no images for this step")
-        return torch.stack(xs), torch.tensor(ys)
+        return torch.stack(xs), torch.utils.data.default_collate(list(ys))
 
 
-def _prepare_criterion(method: str, model: nn.Module, data: _Data | None, opts: dict[str, Any], device,
-                       progress: bool, log) -> tuple[Criterion, dict[str, Any]]:
-    info: dict[str, Any] = {}
-    if method == "taylor":
-        from .importance import Taylor
-        from .taylor import taylor_scores
+def _taylor_criterion(model: nn.Module, data: _Data, o: PruneOptions, device, log
+                      ) -> tuple[Criterion, dict[str, Any]]:
+    """First-order Taylor scores accumulated over `o.taylor_batches` training batches."""
+    from .importance import Taylor
+    from .taylor import taylor_scores
 
-        scores = taylor_scores(model, data.loader(data.train_eval, shuffle=True), opts["taylor_batches"], device,
-                               progress)
-        model.cpu()
-        info = {"batches": min(opts["taylor_batches"], len(data.loader(data.train_eval, shuffle=False)))}
-        return Taylor({m: s for m, s in scores.items()}), info
-    if method == "cap":
-        from .cap import channel_attention, fold_attention
-        from .importance import ChannelAttention
-
-        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine]
-        samples = data.tensors(data.train_eval, opts["cap_samples"])[0]
-        sample_batches = [(samples[i:i + data.batch_size],) for i in range(0, len(samples), data.batch_size)]
-
-        class _Epochs:
-            def __init__(self):
-                self.epoch = 0
-
-            def __iter__(self):
-                self.epoch += 1
-                return iter(data.loader(data.train, shuffle=True, epoch=self.epoch))
-
-        s_bar, info = channel_attention(model, bns, _Epochs(), sample_batches, epochs=opts["cap_epochs"],
-                                        lr=opts["cap_lr"], train_model=opts["cap_train_model"], device=device,
-                                        seed=data.seed, progress=progress)
-        model.cpu()
-        crit = ChannelAttention({bn: s.cpu() for bn, s in s_bar.items()})
-        if opts["cap_train_model"]:
-            fold_attention(s_bar)
-            info["folded_into_batchnorm"] = True
-        log(f"channel attention: {info['probes']} probes, mean s_bar {info['s_bar_mean']:.3f} "
-            f"(min {info['s_bar_min']:.3f}, max {info['s_bar_max']:.3f})")
-        return crit, info
-    return make_criterion(method, opts["seed"]), info
+    scores = taylor_scores(model, data.loader(data.train_eval, shuffle=True), o.taylor_batches, device,
+                           o.progress, loss=data.task.loss)
+    model.cpu()
+    info = {"batches": min(o.taylor_batches, len(data.loader(data.train_eval, shuffle=False)))}
+    return Taylor({m: s for m, s in scores.items()}), info
 
 
-def _search_lfa(model: nn.Module, meta: dict[str, Any], crit: Criterion, ignored, data: _Data, target: float,
-                n_images: int, select_kw: dict[str, Any], coupling: str, log) -> tuple[float, dict[str, Any]]:
-    from .lfa import feature_attention, feature_model, lfa, search_threshold, target_masks
+def _cap_criterion(model: nn.Module, data: _Data, o: PruneOptions, device, log) -> tuple[Criterion, dict[str, Any]]:
+    """RemoteTrimmer's channel attention: SE probes trained on the training data, s_bar
+    averaged over `o.cap_samples` images (folded into the BatchNorms with `cap_train_model`)."""
+    from .cap import channel_attention, fold_attention
+    from .importance import ChannelAttention
 
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine]
+    samples = data.tensors(data.train_eval, o.cap_samples)[0]
+    sample_batches = [(samples[i:i + data.batch_size],) for i in range(0, len(samples), data.batch_size)]
+
+    class _Epochs:
+        def __init__(self):
+            self.epoch = 0
+
+        def __iter__(self):
+            self.epoch += 1
+            return iter(data.loader(data.train, shuffle=True, epoch=self.epoch))
+
+    s_bar, info = channel_attention(model, bns, _Epochs(), sample_batches, epochs=o.cap_epochs, lr=o.cap_lr,
+                                    train_model=o.cap_train_model, device=device, seed=data.seed,
+                                    progress=o.progress, loss=data.task.loss)
+    model.cpu()
+    crit = ChannelAttention({bn: s.cpu() for bn, s in s_bar.items()})
+    if o.cap_train_model:
+        fold_attention(s_bar)
+        info["folded_into_batchnorm"] = True
+    log(f"channel attention: {info['probes']} probes, mean s_bar {info['s_bar_mean']:.3f} "
+        f"(min {info['s_bar_min']:.3f}, max {info['s_bar_max']:.3f})")
+    return crit, info
+
+
+# the methods whose `MethodSpec` says `data`: how their scores are measured (with the task's loss)
+DATA_SCORERS = {"taylor": _taylor_criterion, "cap": _cap_criterion}
+
+
+def _prepare_criterion(model: nn.Module, data: _Data | None, o: PruneOptions, device,
+                       log) -> tuple[Criterion, dict[str, Any]]:
+    """The criterion of `o.method`, its scores measured on the training data first when it is
+    a data method; and the record's description of that measurement."""
+    if o.method in DATA_SCORERS:
+        return DATA_SCORERS[o.method](model, data, o, device, log)
+    return make_criterion(o.method, o.seed), {}
+
+
+def _search_lfa(model: nn.Module, meta: dict[str, Any], crit: Criterion, data: _Data, o: PruneOptions,
+                log) -> tuple[float, dict[str, Any]]:
+    """The largest gamma threshold whose feature-attention loss stays within `o.target_lfa`, on
+    `o.lfa_images` validation images (training images when the split has no validation part)."""
+    from .lfa import feature_attention, feature_model, lfa, search_threshold
+
+    target, coupling = o.target_lfa, o.coupling
+    select_kw = {"round_to": o.round_to, "min_channels": o.min_channels, "max_ratio": o.max_ratio}
     crit.raw = True
     example = torch.zeros(1, 3, *meta["input_size"])
-    ign = list(classifier_layers(model, len(meta["classes"]))) + list(ignored)
+    ign = head_modules(model, data.task.head(meta)) + excluded_layers(model, o.exclude)
     plan = build_units(model, example, crit, ign, coupling)
-    images, labels = data.tensors(data.val if len(data.val) else data.train_eval, n_images)
+    images, targets = data.tensors(data.val if len(data.val) else data.train_eval, o.lfa_images)
     fm = feature_model(model)
-    masks = target_masks(fm, images, labels)
+    masks = data.task.target_regions(fm, images, targets)
     fa_sparse = feature_attention(fm, images, masks)
     scored = [u.scores for u in plan.units if u.scores is not None]
     if not scored:
@@ -345,201 +357,272 @@ def search_budget(model: nn.Module, crit: Criterion, targets: dict[str, int], be
     return hi, info
 
 
-def prune_run(
-    model_file: str | Path,
-    out: str | Path,
-    method: str = "l1",
-    ratio: float | None = 0.5,
-    round_to: int | None = 8,
-    global_pruning: bool = False,
-    data: str | Path | None = None,
-    log: Callable[[str], None] = print,
-    *,
-    threshold: float | None = None,
-    target_lfa: float | None = None,
-    min_channels: int = 8,
-    max_ratio: float = 1.0,
-    exclude: Sequence[str] = (),
-    coupling: str = "shared",
-    compensate_bias: bool = False,
-    steps: int = 1,
-    step_epochs: int = 1,
-    step_lr: float = 0.01,
-    taylor_batches: int = 16,
-    cap_epochs: int = 1,
-    cap_samples: int = 256,
-    cap_lr: float = 1e-3,
-    cap_train_model: bool = False,
-    lfa_images: int = 64,
-    batch_size: int = 64,
-    workers: int = 1,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-    target_macs: float | None = None,
-    target_params: float | None = None,
-    fraction: float = 1.0,
-    exist_ok: bool = False,
-) -> dict[str, Any]:
-    """`exist_ok`: overwrite a run already in `out` (refused otherwise).
-    `target_macs` / `target_params`: a budget (fraction of the model's count in (0, 1), or a
-    count) instead of a ratio; the ratio that meets it is searched. `fraction`: the part of the
-    training images the data-driven criteria and the fine-tuning steps read."""
-    from rsedge.trainer.sampling import check_fraction
-    from rsedge.trainer.train import TrainConfig, fit, pick_device
+@dataclass
+class PruneOptions:
+    """`rsedge prune`: the method, how much (one of ratio, threshold, target_lfa, a budget), the
+    shape rules, the iterative schedule and the data-driven criteria's settings. What a method
+    needs is in its `MethodSpec` (`compress.methods`); `checked` enforces it."""
 
-    if method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    check_fraction(fraction)
-    budget = target_macs is not None or target_params is not None
-    if threshold is not None or target_lfa is not None or budget:
-        ratio = None
-    if threshold is not None and target_lfa is not None:
-        raise ValueError("give --threshold or --target-lfa, not both")
-    if budget and (threshold is not None or target_lfa is not None):
-        raise ValueError("--target-macs / --target-params search a ratio: not with --threshold or --target-lfa")
-    if (threshold is not None or target_lfa is not None) and method not in THRESHOLD_METHODS:
-        raise ValueError(f"--threshold and --target-lfa need a threshold method ({', '.join(THRESHOLD_METHODS)}), "
-                         f"not {method}")
-    if ratio is None and threshold is None and target_lfa is None and not budget:
-        raise ValueError("give --ratio, --threshold, --target-lfa, --target-macs or --target-params")
-    if method == "l1rr" and (ratio is not None or budget) and not global_pruning:
-        log("l1rr cuts every layer at one gamma threshold: the ratio is applied globally")
-        global_pruning = True
-    needs_data = method in ("taylor", "cap") or target_lfa is not None or steps > 1
-    if needs_data and data is None:
-        why = f"--method {method}" if method in ("taylor", "cap") else (
-            "--target-lfa" if target_lfa is not None else "--steps > 1 (fine-tuning between steps)")
-        raise ValueError(f"{why} needs --data DIR: the training data folder (its training split is read)")
-    if steps < 1:
-        raise ValueError("--steps must be at least 1")
-    if steps > 1 and ((ratio is None and not budget) or coupling != "shared"):
-        raise ValueError("--steps > 1 needs --ratio (or a --target-*) and --coupling shared")
-    from rsedge.trainer.run import open_run_dir
+    method: str = "l1"
+    ratio: float | None = 0.5
+    threshold: float | None = None  # bn-scale / l1rr: remove the channels whose |gamma| is at or below
+    target_lfa: float | None = None  # bn-scale / l1rr: the largest threshold within this feature-attention loss
+    target_macs: float | None = None  # a budget: fraction of the model's count in (0, 1), or a count;
+    target_params: float | None = None  # the ratio that meets it is searched
+    global_pruning: bool = False
+    round_to: int | None = 8
+    min_channels: int = 8
+    max_ratio: float = 1.0
+    exclude: Sequence[str] = ()
+    coupling: str = "shared"
+    compensate_bias: bool = False
+    steps: int = 1
+    step_epochs: int = 1
+    step_lr: float = 0.01
+    data: str | Path | None = None  # the training data folder the data-driven parts read
+    taylor_batches: int = 16
+    cap_epochs: int = 1
+    cap_samples: int = 256
+    cap_lr: float = 1e-3
+    cap_train_model: bool = False
+    lfa_images: int = 64
+    batch_size: int = 64
+    workers: int = 1
+    seed: int = 0
+    device: str = "auto"
+    fraction: float = 1.0  # of the training images the criteria and the fine-tuning steps read
+    progress: bool = True
+    exist_ok: bool = False  # overwrite a run already in the folder (refused otherwise)
 
-    out = open_run_dir(out, exist_ok=exist_ok, log=log)
+    @property
+    def spec(self) -> MethodSpec:
+        return method_spec(self.method)
+
+    @property
+    def budget(self) -> bool:
+        return self.target_macs is not None or self.target_params is not None
+
+    @property
+    def thresholded(self) -> bool:
+        return self.threshold is not None or self.target_lfa is not None
+
+    def checked(self, log: Callable[[str], None]) -> PruneOptions:
+        """These options made consistent (a threshold or a budget replaces the ratio; l1rr
+        ranks globally), or the error a user must fix."""
+        from rsedge.trainer.sampling import check_fraction
+
+        spec = self.spec
+        check_fraction(self.fraction)
+        o = replace(self, ratio=None) if self.thresholded or self.budget else self
+        if o.threshold is not None and o.target_lfa is not None:
+            raise ValueError("give --threshold or --target-lfa, not both")
+        if o.budget and o.thresholded:
+            raise ValueError("--target-macs / --target-params search a ratio: not with --threshold or --target-lfa")
+        if o.thresholded and not spec.threshold:
+            raise ValueError(f"--threshold and --target-lfa need a threshold method ({', '.join(THRESHOLD_METHODS)}), "
+                             f"not {o.method}")
+        if o.ratio is None and not o.thresholded and not o.budget:
+            raise ValueError("give --ratio, --threshold, --target-lfa, --target-macs or --target-params")
+        if spec.global_only and (o.ratio is not None or o.budget) and not o.global_pruning:
+            log(f"{o.method} cuts every layer at one gamma threshold: the ratio is applied globally")
+            o = replace(o, global_pruning=True)
+        o.check_data()
+        if o.steps < 1:
+            raise ValueError("--steps must be at least 1")
+        if o.steps > 1 and ((o.ratio is None and not o.budget) or o.coupling != "shared"):
+            raise ValueError("--steps > 1 needs --ratio (or a --target-*) and --coupling shared")
+        return o
+
+    def check_data(self) -> None:
+        if self.data is not None:
+            return
+        why = (f"--method {self.method}" if self.spec.data else "--target-lfa" if self.target_lfa is not None
+               else "--steps > 1 (fine-tuning between steps)" if self.steps > 1 else None)
+        if why is not None:
+            raise ValueError(f"{why} needs --data DIR: the training data folder (its training split is read)")
+
+    def network_kw(self) -> dict[str, Any]:
+        """`prune_network`'s settings that stay the same over the steps and the searches."""
+        return {"method": self.method, "round_to": self.round_to, "global_pruning": self.global_pruning,
+                "min_channels": self.min_channels, "max_ratio": self.max_ratio, "exclude": self.exclude,
+                "coupling": self.coupling, "seed": self.seed}
+
+    def parameters(self, ratio: float | None, threshold: float | None) -> dict[str, Any]:
+        """The record's parameters: the common ones, then those of the method and the schedule."""
+        p = {"method": self.method, "ratio": ratio, "threshold": threshold, "target_lfa": self.target_lfa,
+             "round_to": self.round_to, "min_channels": self.min_channels, "max_ratio": self.max_ratio,
+             "global": self.global_pruning, "coupling": self.coupling, "exclude": list(self.exclude),
+             "compensate": self.compensate_bias, "steps": self.steps, "seed": self.seed,
+             "target_macs": self.target_macs, "target_params": self.target_params, "fraction": self.fraction}
+        if self.method == "taylor":
+            p["taylor_batches"] = self.taylor_batches
+        if self.method == "cap":
+            p.update({"cap_epochs": self.cap_epochs, "cap_samples": self.cap_samples, "cap_lr": self.cap_lr,
+                      "cap_train_model": self.cap_train_model})
+        if self.steps > 1:
+            p.update({"step_epochs": self.step_epochs, "step_lr": self.step_lr})
+        return p
+
+
+def sparse_warnings(spec: MethodSpec, o: PruneOptions, meta: dict[str, Any], log: Callable[[str], None]
+                    ) -> list[str]:
+    """What pruning a model that was not sparse-trained as `spec` expects costs; the warnings
+    the record keeps (a method whose scores are its sparse training's gammas only logs: its
+    record says which model it pruned)."""
+    if spec.sparse is None:
+        return []
+    trained = [h.get("method") for h in meta.get("history", []) if h.get("stage") == "sparse-train"]
+    if spec.sparse_exact and spec.sparse not in trained:
+        log(f"warning: this model was not sparse-trained with {spec.sparse} (`rsedge sparse-train --method "
+            f"{spec.sparse}`): its BatchNorm scales are not sparse, so a gamma threshold removes useful channels")
+    if not spec.sparse_exact and o.thresholded and not trained:
+        w = (f"this model was not sparse-trained (`rsedge sparse-train --method {spec.sparse}`): its |gamma| are not "
+             "pushed toward zero, so a small --threshold removes few or no channels")
+        log(f"warning: {w}")
+        return [w]
+    return []
+
+
+class _Pruning:
+    """One `prune_run`: the steps (each scoring, maybe searching a ratio or a threshold,
+    pruning, fine-tuning briefly before the next), then the report over all of them."""
+
+    def __init__(self, model: nn.Module, meta: dict[str, Any], o: PruneOptions, out: Path,
+                 log: Callable[[str], None]):
+        from rsedge.trainer.train import pick_device
+
+        self.model, self.meta, self.o, self.out, self.log = model, meta, o, out, log
+        self.device = pick_device(o.device)
+        torch.manual_seed(o.seed)
+        self.data = _Data(o.data, out, meta, o, log) if o.data is not None else None
+        self.head = task_for(meta).head(meta)
+        self.original_widths = conv_widths(model)
+        self.before = {"params": count_params(model), "macs": count_macs(model, meta["input_size"])}
+        self.targets = budget_targets(o.target_macs, o.target_params, self.before) if o.budget else {}
+        self.ratio = o.ratio
+        self.budget_info: dict[str, Any] | None = None
+        self.lfa_info: dict[str, Any] | None = None
+        self.steps: list[dict[str, Any]] = []
+        self.original: dict[str, int] | None = None
+
+    def compensation_inputs(self) -> torch.Tensor | None:
+        if not self.o.compensate_bias:
+            return None
+        if self.data is not None:
+            return self.data.tensors(self.data.train_eval, 64)[0]
+        g = torch.Generator().manual_seed(self.o.seed)
+        return torch.randn(16, 3, *self.meta["input_size"], generator=g)
+
+    def run(self) -> dict[str, Any]:
+        o, report = self.o, {}
+        comp_inputs = self.compensation_inputs()
+        for k in range(1, o.steps + 1):
+            report = self.step(k, comp_inputs if k == o.steps else None)
+            if k < o.steps:
+                self.finetune(k)
+        return report
+
+    def step(self, k: int, comp_inputs: torch.Tensor | None) -> dict[str, Any]:
+        o, meta = self.o, self.meta
+        r_k = self.ratio * k / o.steps if self.ratio is not None else None
+        crit, crit_info = _prepare_criterion(self.model, self.data, o, self.device, self.log)
+        self.model.cpu()
+        kw = {"input_size": meta["input_size"], "head": self.head, **o.network_kw()}
+        if self.targets and k == 1:
+            self.ratio, self.budget_info = search_budget(self.model, crit, self.targets, self.before, kw, self.log)
+            r_k = self.ratio / o.steps
+        thr = o.threshold
+        if o.target_lfa is not None:
+            thr, self.lfa_info = _search_lfa(self.model, meta, crit, self.data, o, self.log)
+        self.model, report = prune_network(self.model, ratio=r_k, threshold=thr, criterion=crit,
+                                           compensate_inputs=comp_inputs, original=self.original, **kw)
+        if self.original is None:
+            self.original = {u["unit"]: u["channels"] for u in report["units"]}
+        self.steps.append({"step": k, "ratio": r_k, "threshold": thr, "params": report["after"]["params"],
+                           "macs": report["after"]["macs"], "criterion": crit_info})
+        if o.steps > 1:
+            self.log(f"step {k}/{o.steps}: params {report['after']['params']:,}, MACs {report['after']['macs']:,}")
+        return report
+
+    def finetune(self, k: int) -> None:
+        """A short fine-tuning between steps (SGD, `step_epochs` at `step_lr`) in out/step<k>."""
+        from rsedge.trainer.train import TrainConfig, fit
+
+        o, ds = self.o, self.data
+        cfg = TrainConfig(epochs=o.step_epochs, batch_size=o.batch_size, optimizer="sgd", lr=o.step_lr,
+                          workers=o.workers, seed=o.seed + k, device=o.device)
+        step_meta = derive_meta(self.meta, "prune", history_entry={"step": k})
+        self.model, hist = fit(self.model, ds.train, ds.val, cfg, self.out / f"step{k}", step_meta,
+                               progress=o.progress, log=self.log)
+        (self.out / f"step{k}" / "checkpoint.safetensors").unlink(missing_ok=True)
+        self.steps[-1]["finetune"] = hist
+        self.model.cpu()
+
+    def report(self, report: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
+        """The last step's report over the whole run: counts and per-layer widths against the
+        model before the first step, the budget met or missed, every warning."""
+        after, before, log = report["after"], self.before, self.log
+        report["warnings"] = warnings + report["warnings"] + _threshold_notes(report, log)
+        if self.budget_info is not None:
+            self.budget_info["achieved"] = {k: after[k] for k in ("params", "macs")}
+            self.budget_info["achieved_fraction"] = {k: after[k] / before[k] for k in ("params", "macs")}
+            missed = [k for k, v in self.targets.items() if after[k] > v]
+            if missed:
+                report["warnings"].append(f"the pruned model misses the budget on {', '.join(missed)} (the ratio was "
+                                          f"searched on one-shot pruning; --steps re-scores between steps)")
+        report["budget"] = self.budget_info
+        for w in report["warnings"][len(warnings):]:
+            log(f"warning: {w}")
+        final = conv_widths(self.model)
+        rows = {r["layer"]: r for r in report["layers"]}
+        layers = [{"layer": n, "channels_before": c0, "channels_after": final.get(n, c0),
+                   "requested_ratio": rows.get(n, {}).get("requested_ratio", 0.0),
+                   "achieved_ratio": round(1 - final.get(n, c0) / c0, 4)} for n, c0 in self.original_widths.items()]
+        report.update({"before": before, "layers": layers, "params_ratio": after["params"] / before["params"],
+                       "macs_ratio": after["macs"] / before["macs"], "requested_ratio": self.ratio})
+        log(f"pruned with {self.o.method} ({self.o.coupling} coupling): params {before['params']:,} -> "
+            f"{after['params']:,} ({report['params_ratio']:.1%}), MACs {before['macs']:,} -> {after['macs']:,} "
+            f"({report['macs_ratio']:.1%})")
+        return report
+
+
+def prune_run(model_file: str | Path, out: str | Path, options: PruneOptions | None = None, *,
+              log: Callable[[str], None] = print, **fields: Any) -> dict[str, Any]:
+    """The `prune` stage: prune the model file by `options` (`fields` replace some of them),
+    check the validation accuracy right after when the data is at hand, save the pruned model
+    and the record; returns the report."""
+    from rsedge.trainer.stage import Stage, build_options
+
+    o = build_options(PruneOptions, options, fields)
+    method_spec(o.method)
+    o = o.checked(log)
+    stage = Stage("prune", out, exist_ok=o.exist_ok, progress=o.progress, log=log)
     model, meta = load_model(model_file)
     if meta.get("layout", {}).get("graph"):
         raise ValueError("this model was already pruned with --coupling reconstruct; prune the unpruned model instead")
-    if method == "l1rr" and not any(h.get("stage") == "sparse-train" and h.get("method") == "l1rr"
-                                    for h in meta.get("history", [])):
-        log("warning: this model was not sparse-trained with l1rr (`rsedge sparse-train --method l1rr`): "
-            "its BatchNorm scales are not sparse, so a gamma threshold removes useful channels")
-    warnings = []
-    if method == "bn-scale" and (threshold is not None or target_lfa is not None) and not any(
-            h.get("stage") == "sparse-train" for h in meta.get("history", [])):
-        warnings.append("this model was not sparse-trained (`rsedge sparse-train --method slimming`): its "
-                        "|gamma| are not pushed toward zero, so a small --threshold removes few or no channels")
-        log(f"warning: {warnings[-1]}")
-    dev = pick_device(device)
-    torch.manual_seed(seed)
-    ds = _Data(data, out, meta, seed, batch_size, workers, progress, log, fraction) if data is not None else None
-    opts = {"taylor_batches": taylor_batches, "cap_epochs": cap_epochs, "cap_samples": cap_samples, "cap_lr": cap_lr,
-            "cap_train_model": cap_train_model, "seed": seed}
-    select_kw = {"round_to": round_to, "min_channels": min_channels, "max_ratio": max_ratio}
-    num_classes = len(meta["classes"])
-    original_widths = conv_widths(model)
-    before = {"params": count_params(model), "macs": count_macs(model, meta["input_size"])}
-    targets = budget_targets(target_macs, target_params, before) if budget else {}
-    budget_info = None
-    comp_inputs = None
-    if compensate_bias:
-        comp_inputs = (ds.tensors(ds.train_eval, 64)[0] if ds is not None
-                       else torch.randn(16, 3, *meta["input_size"], generator=torch.Generator().manual_seed(seed)))
-    step_log: list[dict[str, Any]] = []
-    lfa_info = None
-    original: dict[str, int] | None = None
-    report: dict[str, Any] = {}
-    for k in range(1, steps + 1):
-        r_k = ratio * k / steps if ratio is not None else None
-        crit, crit_info = _prepare_criterion(method, model, ds, opts, dev, progress, log)
-        model.cpu()
-        if targets and k == 1:
-            ratio, budget_info = search_budget(model, crit, targets, before, dict(
-                input_size=meta["input_size"], num_classes=num_classes, method=method, round_to=round_to,
-                global_pruning=global_pruning, min_channels=min_channels, max_ratio=max_ratio, exclude=exclude,
-                coupling=coupling, seed=seed), log)
-            r_k = ratio / steps
-        thr = threshold
-        if target_lfa is not None:
-            thr, lfa_info = _search_lfa(model, meta, crit, excluded_layers(model, exclude), ds, target_lfa,
-                                        lfa_images, select_kw, coupling, log)
-        model, report = prune_network(
-            model, meta["input_size"], num_classes, method, r_k, round_to, global_pruning, threshold=thr,
-            min_channels=min_channels, max_ratio=max_ratio, exclude=exclude, coupling=coupling, criterion=crit,
-            compensate_inputs=comp_inputs if k == steps else None, original=original, seed=seed)
-        if original is None:
-            original = {u["unit"]: u["channels"] for u in report["units"]}
-        step_log.append({"step": k, "ratio": r_k, "threshold": thr, "params": report["after"]["params"],
-                         "macs": report["after"]["macs"], "criterion": crit_info})
-        if steps > 1:
-            log(f"step {k}/{steps}: params {report['after']['params']:,}, MACs {report['after']['macs']:,}")
-        if k < steps:
-            cfg = TrainConfig(epochs=step_epochs, batch_size=batch_size, optimizer="sgd", lr=step_lr, workers=workers,
-                              seed=seed + k, device=device)
-            step_meta = derive_meta(meta, "prune", history_entry={"step": k})
-            model, hist = fit(model, ds.train, ds.val, cfg, out / f"step{k}", step_meta, progress=progress, log=log)
-            (out / f"step{k}" / "checkpoint.safetensors").unlink(missing_ok=True)
-            step_log[-1]["finetune"] = hist
-            model.cpu()
-    after = report["after"]
-    report["warnings"] = warnings + report["warnings"] + _threshold_notes(report, log)
-    if budget_info is not None:
-        budget_info["achieved"] = {k: after[k] for k in ("params", "macs")}
-        budget_info["achieved_fraction"] = {k: after[k] / before[k] for k in ("params", "macs")}
-        missed = [k for k, v in targets.items() if after[k] > v]
-        if missed:
-            report["warnings"].append(f"the pruned model misses the budget on {', '.join(missed)} (the ratio was "
-                                      f"searched on one-shot pruning; --steps re-scores between steps)")
-    report["budget"] = budget_info
-    for w in report["warnings"][len(warnings):]:
-        log(f"warning: {w}")
-    final_widths = conv_widths(model)
-    rows = {r["layer"]: r for r in report["layers"]}
-    layers = [{"layer": n, "channels_before": c0, "channels_after": final_widths.get(n, c0),
-               "requested_ratio": rows.get(n, {}).get("requested_ratio", 0.0),
-               "achieved_ratio": round(1 - final_widths.get(n, c0) / c0, 4)} for n, c0 in original_widths.items()]
-    report.update({"before": before, "layers": layers, "params_ratio": after["params"] / before["params"],
-                   "macs_ratio": after["macs"] / before["macs"], "requested_ratio": ratio})
-    log(f"pruned with {method} ({coupling} coupling): params {before['params']:,} -> {after['params']:,} "
-        f"({report['params_ratio']:.1%}), MACs {before['macs']:,} -> {after['macs']:,} ({report['macs_ratio']:.1%})")
-    evaluation = None
-    if data is not None:
-        evaluation = eval_run_quiet(out, data, model, meta, log)
-    parameters = {"method": method, "ratio": ratio, "threshold": report["threshold"], "target_lfa": target_lfa,
-                  "round_to": round_to, "min_channels": min_channels, "max_ratio": max_ratio, "global": global_pruning,
-                  "coupling": coupling, "exclude": list(exclude), "compensate": compensate_bias, "steps": steps,
-                  "seed": seed, "target_macs": target_macs, "target_params": target_params, "fraction": fraction}
-    if method == "taylor":
-        parameters["taylor_batches"] = taylor_batches
-    if method == "cap":
-        parameters.update({"cap_epochs": cap_epochs, "cap_samples": cap_samples, "cap_lr": cap_lr,
-                           "cap_train_model": cap_train_model})
-    if steps > 1:
-        parameters.update({"step_epochs": step_epochs, "step_lr": step_lr})
+    warnings = sparse_warnings(o.spec, o, meta, log)
+    run = _Pruning(model, meta, o, stage.out, log)
+    report = run.report(run.run(), warnings)
+    evaluation = eval_run_quiet(stage.out, o.data, run.model, meta, log) if o.data is not None else None
+    parameters = o.parameters(run.ratio, report["threshold"])
+    source = str(Path(model_file).resolve())
     new_meta = derive_meta(
-        meta,
-        "prune",
+        meta, "prune",
         history_entry={**{k: v for k, v in parameters.items()
-                          if v not in (None, [], False) and not (k == "fraction" and v == 1)},
-                       "source": str(Path(model_file).resolve())},
+                          if v not in (None, [], False) and not (k == "fraction" and v == 1)}, "source": source},
         metrics={"val_top1_before_finetune": evaluation} if evaluation is not None else {},
     )
-    path = save_model(out / "model.safetensors", model, new_meta)
-    write_record(
-        out,
-        "prune",
-        {
-            "inputs": {"model": str(Path(model_file).resolve()), "data": str(data) if data else None},
-            "parameters": parameters,
-            **report,
-            "steps": step_log,
-            "feature_attention": lfa_info,
-            "fraction": ds.fraction if ds is not None else None,
-            "val_top1_before_finetune": evaluation,
-            "outputs": {"model": path.name},
-        },
-    )
+    path = save_model(stage.model_path, run.model, new_meta)
+    stage.record({
+        "inputs": {"model": source, "data": str(o.data) if o.data else None},
+        "parameters": parameters,
+        **report,
+        "steps": run.steps,
+        "feature_attention": run.lfa_info,
+        "fraction": run.data.fraction if run.data is not None else None,
+        "val_top1_before_finetune": evaluation,
+        "outputs": {"model": path.name},
+    })
     return report
 
 
@@ -557,25 +640,23 @@ def _threshold_notes(report: dict[str, Any], log: Callable[[str], None]) -> list
 
 def eval_run_quiet(out: Path, data, model: nn.Module, meta: dict[str, Any], log) -> float | None:
     """Validation accuracy right after pruning (before fine-tuning), when the model's split is at hand."""
-    from rsedge.trainer.datasets import ImageListDataset, load_split
-    from rsedge.trainer.train import evaluate
-    from rsedge.trainer.transforms import eval_transform
+    from rsedge.trainer.datasets import load_split
+    from rsedge.trainer.stage import evaluate_model, model_split
 
-    split_file = meta.get("split")
-    if (not split_file or not Path(split_file).is_file()) and (Path(out) / "split.json").is_file():
-        split_file = str(Path(out) / "split.json")
-    if not split_file or not Path(split_file).is_file():
+    split = model_split(meta)
+    if split is None and (Path(out) / "split.json").is_file():
+        split = load_split(Path(out) / "split.json")
+    if split is None:
         log("no split file for this model: skipping the accuracy check after pruning")
         return None
-    split = load_split(split_file)
     if Path(split["root"]) != Path(data).resolve():
         log(f"--data {data} is not the folder this model was trained on: skipping the accuracy check")
         return None
     if not split["val"]:
         log("the split has no validation part: skipping the accuracy check after pruning")
         return None
-    ds = ImageListDataset(split["root"], split["val"], eval_transform(meta["input_size"], **meta["normalization"]))
-    acc = evaluate(model, ds, meta["classes"])["top1"]
+    task = task_for(meta)
+    acc = evaluate_model(model, task.eval_dataset(split["root"], split["val"], meta), meta)[task.primary_metric]
     model.cpu()
     log(f"validation top-1 right after pruning: {acc:.4f}")
     return acc

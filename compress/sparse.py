@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,98 +129,99 @@ class SparseRegularizer:
         return {"rho": rho, "layers": {n: round(counts[n] / sizes[n], 6) for n in self.bns}}
 
 
-def sparse_train_run(
-    model_file: str | Path,
-    data: str | Path,
-    out: str | Path,
-    method: str = "l1rr",
-    cfg=None,
-    sr: float = 1e-4,
-    theta: float = 1e-3,
-    lambda_a: float = 1.0,
-    eps: float = 1e-2,
-    phase_epochs: int | None = None,
-    threshold: float = 0.01,
-    resume: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    exist_ok: bool = False,
-) -> dict[str, Any]:
+@dataclass
+class SparseOptions:
+    """`rsedge sparse-train`: the sparsity method and its constants, the training configuration."""
+
+    method: str = "l1rr"
+    cfg: Any = None  # a TrainConfig; default 10 epochs at lr 0.01
+    sr: float = 1e-4  # slimming: L1 strength on gamma
+    theta: float = 1e-3  # l1rr: sparsity rate
+    lambda_a: float = 1.0  # l1rr: a in lambda = 2^(a(rho - Np/N - s))
+    eps: float = 1e-2  # l1rr: epsilon in alpha = 1/(|gamma| + eps)
+    phase_epochs: int | None = None  # l1rr: epochs per phase; default epochs/10 rounded up
+    threshold: float = 0.01  # |gamma| below this counts as sparse
+    resume: bool = False
+    exist_ok: bool = False
+    progress: bool = True
+
+    def parameters(self, phase_epochs: int, n_phases: int) -> dict[str, Any]:
+        """The record's parameters: each constant only for the method that reads it."""
+        l1rr = self.method == "l1rr"
+        return {"method": self.method, "sr": self.sr if self.method == "slimming" else None,
+                "theta": self.theta if l1rr else None, "lambda_a": self.lambda_a if l1rr else None,
+                "eps": self.eps if l1rr else None, "phase_epochs": phase_epochs if l1rr else None,
+                "phases": n_phases if l1rr else None, "threshold": self.threshold}
+
+
+def sparse_train_run(model_file: str | Path, data: str | Path, out: str | Path, options: SparseOptions | None = None,
+                     *, log: Callable[[str], None] = print, **fields: Any) -> dict[str, Any]:
     """The `sparse-train` stage: train on the model's split with the sparsity penalty, record the
     sparsity per phase (l1rr) or per epoch (slimming). A run already in `out` is refused unless
-    `resume` or `exist_ok`."""
-    from rsedge.trainer.modelfile import derive_meta, load_model, save_model
-    from rsedge.trainer.records import atomic_write_json, read_json, write_record
-    from rsedge.trainer.run import datasets_for, format_per_class, open_run_dir, split_for_model, write_eval_outputs
-    from rsedge.trainer.sampling import subsample_dataset
-    from rsedge.trainer.train import TrainConfig, evaluate, fit, pick_device
+    `resume` or `exist_ok`; `fields` replace those of `options`."""
+    from rsedge.trainer.modelfile import derive_meta, load_model
+    from rsedge.trainer.stage import TRAINING_OUTPUTS, Stage, build_options
+    from rsedge.trainer.train import TrainConfig
 
-    if method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    cfg = (cfg or TrainConfig(epochs=10, lr=0.01)).resolved()
-    if phase_epochs is None:
-        phase_epochs = max(1, math.ceil(cfg.epochs / 10))
+    o = build_options(SparseOptions, options, fields)
+    if o.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {o.method!r}")
+    cfg = (o.cfg or TrainConfig(epochs=10, lr=0.01)).resolved()
+    phase_epochs = o.phase_epochs if o.phase_epochs is not None else max(1, math.ceil(cfg.epochs / 10))
     n_phases = math.ceil(cfg.epochs / phase_epochs)
-    if method == "l1rr" and n_phases > 10:
+    if o.method == "l1rr" and n_phases > 10:
         log(f"warning: {n_phases} phases of {phase_epochs} epoch(s); L1RR uses at most 10 (raise --phase-epochs)")
-    if method == "l1rr" and n_phases < 2:
+    if o.method == "l1rr" and n_phases < 2:
         log("warning: one phase only: the first phase is unregularized, so nothing is sparsified")
-    out = open_run_dir(out, resume=resume, exist_ok=exist_ok, log=log)
-    final = out / "model.safetensors"
-    if resume and final.is_file() and (out / "record.json").is_file():
-        log(f"{final} exists: sparse training already finished")
-        return read_json(out / "record.json")
+    stage = Stage("sparse-train", out, resume=o.resume, exist_ok=o.exist_ok, progress=o.progress, log=log)
+    done = stage.finished("sparse training already finished")
+    if done is not None:
+        return done
     model, meta = load_model(model_file)
     if meta.get("layout", {}).get("graph"):
         raise ValueError("this model was pruned with --coupling reconstruct; sparse-train the unpruned model")
-    split = split_for_model(meta, data, out, seed=cfg.seed, progress=progress, log=log)
-    train_ds, val_ds, test_ds = datasets_for(split, meta["input_size"], meta["normalization"])
-    train_ds, fraction = subsample_dataset(train_ds, cfg.fraction, cfg.seed, meta["classes"], log)
-    state_file = out / "sparse_state.json"
-    phases = read_json(state_file)["phases"] if resume and state_file.is_file() else None
-    epoch_log: list[dict[str, Any]] = []
-    reg = SparseRegularizer(model, method, sr=sr, theta=theta, a=lambda_a, eps=eps, phase_epochs=phase_epochs,
-                            threshold=threshold, phases=phases,
+    d = stage.data(stage.model_split(meta, data, cfg.seed), meta, cfg)
+    reg, on_epoch_start = _regularizer(model, o, phase_epochs, n_phases, stage, log)
+    params = o.parameters(phase_epochs, n_phases)
+    new_meta = derive_meta(meta, "sparse-train",
+                           history_entry={**{k: v for k, v in params.items() if v is not None},
+                                          "epochs": cfg.epochs, "source": str(Path(model_file).resolve())},
+                           split=str(stage.split_path))
+    model, history = stage.fit(model, d, cfg, new_meta, on_epoch_start=on_epoch_start, before_step=reg.before_step)
+    reg._bind(model)
+    final_sparsity = reg.summary()
+    log(f"final model sparsity (|gamma| < {o.threshold}): {final_sparsity['rho']:.3f}")
+    test = stage.conclude(model, d, cfg, new_meta, history, f"{meta['arch']} sparse-trained ({o.method})",
+                          bn_sparsity=final_sparsity["rho"])
+    return stage.record({
+        "inputs": {"model": str(Path(model_file).resolve()), "data": d.split["root"]},
+        "parameters": {**params, **asdict(cfg)},
+        "phases": [{k: v for k, v in p.items() if k != "alpha"} for p in reg.phases],
+        "final_sparsity": final_sparsity,
+        "fraction": d.fraction,
+        "history": history,
+        "test": test,
+        "outputs": dict(TRAINING_OUTPUTS),
+    })
+
+
+def _regularizer(model: nn.Module, o: SparseOptions, phase_epochs: int, n_phases: int, stage,
+                 log: Callable[[str], None]) -> tuple[SparseRegularizer, Callable[[nn.Module, int], None]]:
+    """The regularizer (its phases saved to sparse_state.json at every refresh, so --resume
+    continues them) and the epoch hook that refreshes and logs it."""
+    from rsedge.trainer.records import atomic_write_json, read_json
+
+    state_file = stage.out / "sparse_state.json"
+    phases = read_json(state_file)["phases"] if o.resume and state_file.is_file() else None
+    reg = SparseRegularizer(model, o.method, sr=o.sr, theta=o.theta, a=o.lambda_a, eps=o.eps,
+                            phase_epochs=phase_epochs, threshold=o.threshold, phases=phases,
                             on_refresh=lambda ph: atomic_write_json(state_file, {"phases": ph}))
 
     def on_epoch_start(m: nn.Module, epoch: int) -> None:
         reg.on_epoch_start(m, epoch)
         rho, _, _ = reg.sparsity()
-        epoch_log.append({"epoch": epoch + 1, "rho_at_start": rho})
-        if method == "l1rr" and epoch % phase_epochs == 0:
+        if o.method == "l1rr" and epoch % phase_epochs == 0:
             log(f"phase {epoch // phase_epochs + 1}/{n_phases}: model sparsity {rho:.3f}"
                 f"{' (unregularized)' if epoch == 0 else ''}")
 
-    params = {"method": method, "sr": sr if method == "slimming" else None,
-              "theta": theta if method == "l1rr" else None, "lambda_a": lambda_a if method == "l1rr" else None,
-              "eps": eps if method == "l1rr" else None, "phase_epochs": phase_epochs if method == "l1rr" else None,
-              "phases": n_phases if method == "l1rr" else None, "threshold": threshold}
-    new_meta = derive_meta(meta, "sparse-train",
-                           history_entry={**{k: v for k, v in params.items() if v is not None},
-                                          "epochs": cfg.epochs, "source": str(Path(model_file).resolve())},
-                           split=str((out / "split.json").resolve()))
-    model, history = fit(model, train_ds, val_ds, cfg, out, new_meta, resume=resume, progress=progress, log=log,
-                         on_epoch_start=on_epoch_start, before_step=reg.before_step)
-    reg._bind(model)
-    final_sparsity = reg.summary()
-    log(f"final model sparsity (|gamma| < {threshold}): {final_sparsity['rho']:.3f}")
-    result = evaluate(model, test_ds, meta["classes"], pick_device(cfg.device), workers=cfg.workers, log=log)
-    new_meta["metrics"] = {"test_top1": result["top1"], "val_top1": history[-1]["val_top1"] if history else None,
-                           "bn_sparsity": final_sparsity["rho"]}
-    save_model(final, model.cpu(), new_meta)
-    write_eval_outputs(out, result, meta["classes"], f"{meta['arch']} sparse-trained ({method})")
-    log(format_per_class(result))
-    record = {
-        "inputs": {"model": str(Path(model_file).resolve()), "data": split["root"]},
-        "parameters": {**params, **asdict(cfg)},
-        "phases": [{k: v for k, v in p.items() if k != "alpha"} for p in reg.phases],
-        "final_sparsity": final_sparsity,
-        "fraction": fraction,
-        "history": history,
-        "test": {k: result[k] for k in ("top1", "samples", "per_class", "skipped_images")},
-        "outputs": {"model": final.name, "confusion": "confusion.png", "results": "results.csv",
-                    "curves": "results.png"},
-    }
-    write_record(out, "sparse-train", record)
-    (out / "checkpoint.safetensors").unlink(missing_ok=True)
-    return record
+    return reg, on_epoch_start

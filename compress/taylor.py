@@ -4,14 +4,26 @@ Gradients are taken with the model in eval mode: in training mode a BatchNorm af
 makes the loss invariant to the filter's scale, so sum_m dL/dw_m * w_m is exactly zero for every
 filter and the criterion would rank noise. Phi is computed per batch and averaged over the
 batches of the training split (the paper accumulates it over mini-batches of its training set).
+
+L is the task's own loss (`Task.loss`: cross-entropy for classification), as Torch-Pruning's
+Taylor importance reads the gradients of whatever loss the user backpropagated.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+LossFn = Callable[[Any, Any, Any], torch.Tensor]
+
+
+def default_loss() -> LossFn:
+    """The loss of the classification task, for callers that name none."""
+    from rsedge.trainer.tasks import get_task
+
+    return get_task("classification").loss
 
 
 def taylor_scores(
@@ -20,7 +32,13 @@ def taylor_scores(
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    loss: LossFn | None = None,
 ) -> dict[nn.Module, torch.Tensor]:
+    """Phi per output channel of every conv and linear layer; `batches` yield (inputs, targets)
+    and `loss(outputs, targets, inputs)` is the scalar differentiated (default: cross-entropy)."""
+    from rsedge.trainer.train import to_device
+
+    loss_fn = loss or default_loss()
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     acc = {m: torch.zeros(m.weight.shape[0], dtype=torch.float64) for m in layers}
     was_training = model.training
@@ -40,8 +58,8 @@ def taylor_scores(
             if max_batches is not None and n >= max_batches:
                 break
             model.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            loss.backward()
+            x, y = to_device(x, device), to_device(y, device)
+            loss_fn(model(x), y, x).backward()
             for m in layers:
                 if m.weight.grad is not None:
                     phi = (m.weight.grad * m.weight).detach().flatten(1).mean(1).abs()

@@ -14,16 +14,20 @@ import json
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from rsedge.runtime.manifest import verify_manifest, write_manifest
+from rsedge.runtime.bundles.manifest import verify_manifest, write_manifest
 from rsedge.trainer.modelfile import load_model
 from rsedge.trainer.records import atomic_write_json, versions
+from rsedge.trainer.stage import build_options, model_items
+from rsedge.trainer.tasks import task_for
 
-from .run import export_run, preprocess_items, split_items, stratified_sample
+from .onnx_export import preprocess_spec
+from .run import ExportOptions, export_run, stratified_sample
 
 FP32_NAME = "model_fp32.onnx"
 INT8_NAME = "model_int8_qdq.onnx"
@@ -35,18 +39,19 @@ GUARD_KEYS = ("status", "reason", "target", "precision", "fp32_top1", "int8_top1
               "validation_images", "kept_in_float", "quantized_nodes", "quantizable_nodes", "quantized_fraction")
 
 
-def preprocess_spec(meta: dict[str, Any]) -> dict[str, Any]:
-    """The ONNX metadata_props without their prefix, for devices that read engines, not ONNX."""
-    return {
-        "task": "classification",
-        "classes": list(meta["classes"]),
-        "input_size": list(meta["input_size"]),
-        "mean": list(meta["normalization"]["mean"]),
-        "std": list(meta["normalization"]["std"]),
-        "layout": "NCHW",
-        "color": "RGB",
-        "resize": "resize",
-    }
+def write_eval_set(out: Path, root: Path, items: list, meta: dict[str, Any]) -> dict[str, Any]:
+    """The task's evaluation set under eval/ (`Task.bundle_eval`): images.npy and one file per
+    target (labels.npy for classification); returns the manifest's `eval` entry, which names
+    each target file by its stem ("labels": "eval/labels.npy")."""
+    payload = task_for(meta).bundle_eval(root, items, meta)
+    (out / "eval").mkdir()
+    np.save(out / "eval" / "images.npy", payload["images"])
+    entry: dict[str, Any] = {"images": "eval/images.npy"}
+    for name, array in payload["targets"].items():
+        np.save(out / "eval" / name, array)
+        entry[Path(name).stem] = f"eval/{name}"
+    entry["count"] = int(len(payload["images"]))
+    return entry
 
 
 def int8_variants(record: dict[str, Any], export_dir: Path, out: Path, log: Callable[[str], None]
@@ -68,39 +73,44 @@ def int8_variants(record: dict[str, Any], export_dir: Path, out: Path, log: Call
     return variants, rejected
 
 
-def bundle_run(
-    model_file: str | Path,
-    out: str | Path,
-    data: str | Path | None = None,
-    calib_size: int = 512,
-    calib_method: str = "minmax",
-    eval_size: int = 500,
-    max_drop: float | None = 1.0,
-    opset: int = 13,
-    dynamic_batch: bool = True,
-    tar: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+@dataclass
+class BundleOptions:
+    """`rsedge bundle`: the images (the model's split, or `data`), calibration, the evaluation
+    set's size, the INT8 guard, the ONNX graph, and whether to write OUT.tar.gz too."""
+
+    data: str | Path | None = None
+    calib_size: int = 512
+    calib_method: str = "minmax"
+    eval_size: int = 500
+    max_drop: float | None = 1.0
+    opset: int = 13
+    dynamic_batch: bool = True
+    tar: bool = False
+    fraction: float = 1.0  # --fraction: the calibration images come from this part of the training split
+
+
+def bundle_run(model_file: str | Path, out: str | Path, options: BundleOptions | None = None, *,
+               log: Callable[[str], None] = print, **fields: Any) -> dict[str, Any]:
+    """Write the bundle into the new folder `out`; `fields` replace those of `options`."""
+    o = build_options(BundleOptions, options, fields)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: a bundle is written into a new folder")
     _, meta = load_model(model_file)
     with tempfile.TemporaryDirectory() as tmp:
-        record = export_run(model_file, tmp, opset=opset, dynamic_batch=dynamic_batch, int8=True, calib_data=data,
-                            calib_size=calib_size, calib_method=calib_method, data=data, max_drop=max_drop, log=log)
+        record = export_run(model_file, tmp, ExportOptions(
+            opset=o.opset, dynamic_batch=o.dynamic_batch, int8=True, calib_data=o.data, calib_size=o.calib_size,
+            calib_method=o.calib_method, data=o.data, max_drop=o.max_drop, fraction=o.fraction), log=log)
         out.mkdir(parents=True, exist_ok=True)  # only now: a failed export leaves no empty bundle folder
         shutil.copyfile(Path(tmp) / "model.onnx", out / FP32_NAME)
         variants, rejected = int8_variants(record, Path(tmp), out, log)
         shutil.copytree(Path(tmp) / "calib", out / "calib")
         atomic_write_json(out / "export_record.json", json.loads((Path(tmp) / "record.json").read_text()))
-    src = split_items(meta, data, "test")
+    src = model_items(meta, o.data, "test")
     if src is None or not src[1]:
         raise ValueError("no labeled images for the evaluation set: pass --data DIR")
-    items = stratified_sample(src[1], eval_size, seed=4)
-    images, labels = preprocess_items(src[0], items, meta)
-    (out / "eval").mkdir()
-    np.save(out / "eval" / "images.npy", images)
-    np.save(out / "eval" / "labels.npy", labels.astype(np.int64))
+    items = stratified_sample(src[1], o.eval_size, seed=4)
+    eval_entry = write_eval_set(out, src[0], items, meta)
     atomic_write_json(out / "labels.json", {"classes": list(meta["classes"])})
     atomic_write_json(out / "preprocess.json", preprocess_spec(meta))
     description = {
@@ -111,9 +121,8 @@ def bundle_run(
         "preprocess": "preprocess.json",
         "labels": "labels.json",
         "calibration": {"dir": "calib", "cache": None, "images": record["int8"]["calibration_images"],
-                        "method": calib_method},
-        "eval": {"images": "eval/images.npy", "labels": "eval/labels.npy", "count": int(len(labels)),
-                 "split": "test"},
+                        "method": o.calib_method},
+        "eval": {**eval_entry, "split": "test"},
         "export": {"parity": record["onnx"]["parity"], "int8_guard": {
             INT8_VARIANTS[key][0]: {k: record[key].get(k) for k in GUARD_KEYS} for key in INT8_VARIANTS
             if key in record}},
@@ -122,14 +131,18 @@ def bundle_run(
     verify_manifest(str(out))
     log(f"bundle written to {out}: {len(manifest['files'])} files, "
         f"{sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB, manifest verified")
-    archive = None
-    if tar:
-        archive = out.with_name(out.name + ".tar.gz")
-        tmp_archive = archive.with_name(archive.name + ".tmp")
-        with tarfile.open(tmp_archive, "w:gz") as t:
-            t.add(out, arcname=out.name)
-        tmp_archive.replace(archive)
-        log(f"archive: {archive}")
+    archive = write_archive(out, log) if o.tar else None
     return {"bundle": str(out), "archive": str(archive) if archive else None, "files": len(manifest["files"]),
             "manifest": manifest}
 
+
+def write_archive(out: Path, log: Callable[[str], None]) -> Path:
+    """OUT.tar.gz next to the bundle, written under a temporary name first: a partial archive is
+    never mistaken for a bundle."""
+    archive = out.with_name(out.name + ".tar.gz")
+    tmp_archive = archive.with_name(archive.name + ".tmp")
+    with tarfile.open(tmp_archive, "w:gz") as t:
+        t.add(out, arcname=out.name)
+    tmp_archive.replace(archive)
+    log(f"archive: {archive}")
+    return archive

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .onnx_export import run_onnx
+from rsedge.runtime.tasks import get_task
+
+from .onnx_export import evaluate_onnx
 from .onnx_graph import int8_coverage
 from .quantize import int8_metadata, preprocess_for_quantization, quantize_qdq
 
@@ -182,6 +185,19 @@ def guard_budget(max_drop: float | None, n: int, log: Callable[[str], None] = pr
     return budget
 
 
+def correct_images(path: str | Path, images: np.ndarray, labels: np.ndarray) -> int:
+    """Validation images a file classifies right, by the runtime's evaluation and its classification
+    accumulator (the one place top-1 is counted)."""
+    return int(evaluate_onnx(path, images, labels, task="classification")["correct"]) if len(labels) else 0
+
+
+def _counted(predictions: np.ndarray, labels: np.ndarray) -> int:
+    """Right predictions among given ones (FP32 classes a caller already has), by the same accumulator."""
+    tally = get_task("classification").accumulator({})
+    tally.update(predictions, labels)
+    return int(tally.result()["correct"])
+
+
 class _Attempts:
     """Quantizations of one pre-processed graph for one target, each scored in whole images."""
 
@@ -196,7 +212,7 @@ class _Attempts:
         path = self.pre.with_name(f"q{len(self.all)}.onnx")
         info = quantize_qdq(self.pre, path, self.calib, self.method, exclude_nodes=excluded, preprocess=False,
                             target=self.target, log=self.log)
-        correct = int(np.sum(run_onnx(path, self.images).argmax(1) == self.labels)) if n else 0
+        correct = correct_images(path, self.images, self.labels)
         lost = self.fp32_correct - correct
         a = {"n": len(self.all) + 1, "excluded": list(excluded), "int8_correct": correct,
              "int8_top1": correct / n if n else 0.0, "images_lost": lost,
@@ -242,25 +258,41 @@ def _rejection(best: dict[str, Any], max_drop: float | None, budget: dict[str, A
             "node(s) in float")
 
 
+@dataclass
+class GuardOptions:
+    """How `quantize_with_guard` quantizes and guards: the budget in top-1 points (None: no guard),
+    the calibration method, how many calibration images rank the nodes' sensitivity, and the
+    backend the file is made for ("tensorrt": int8 activations; "onnxruntime": uint8)."""
+
+    max_drop: float | None = None
+    method: str = "minmax"
+    sensitivity_images: int = 32
+    target: str = "tensorrt"
+
+
 def quantize_with_guard(
     fp32_onnx: str | Path,
     out_path: str | Path,
     calib: np.ndarray,
     val_images: np.ndarray,
     val_labels: np.ndarray,
-    max_drop: float | None = None,
-    method: str = "minmax",
-    sensitivity_images: int = 32,
+    options: GuardOptions | None = None,
+    *,
     log: Callable[[str], None] = print,
-    target: str = "tensorrt",
     fp32_predictions: np.ndarray | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
     """Quantize for `target`; with `max_drop` (points of top-1), evaluate on the validation arrays
     and put the most sensitive nodes back to float until the images lost are within it. The file
     written is the first attempt within budget that still has int8 compute nodes; when there is
     none, nothing is written and the record's status is "rejected" with the reason. The record
     lists every attempt. `fp32_predictions` (FP32 class per validation image) saves a second FP32
-    evaluation when several targets are guarded on the same images."""
+    evaluation when several targets are guarded on the same images. `fields` replace those of
+    `options` (`max_drop=1.0`)."""
+    from rsedge.trainer.stage import build_options
+
+    o = build_options(GuardOptions, options, fields)
+    max_drop, method, target = o.max_drop, o.method, o.target
     out_path = Path(out_path)
     n = int(len(val_labels))
     budget = guard_budget(max_drop, n, log)
@@ -268,11 +300,12 @@ def quantize_with_guard(
         pre = Path(tmp) / "pre.onnx"
         preprocess_for_quantization(fp32_onnx, pre, log)
         if fp32_predictions is None:
-            fp32_predictions = run_onnx(fp32_onnx, val_images).argmax(1) if n else np.zeros(0, np.int64)
-        fp32_correct = int(np.sum(fp32_predictions == val_labels))
+            fp32_correct = correct_images(fp32_onnx, val_images, val_labels)
+        else:
+            fp32_correct = _counted(fp32_predictions, val_labels)
         attempts = _Attempts(pre, calib, val_images, val_labels, fp32_correct, budget["budget_images"], method, target,
                              log)
-        sensitivity = attempts.search(sensitivity_images)
+        sensitivity = attempts.search(o.sensitivity_images)
         chosen, best = attempts.choose()
         if chosen is not None:
             _write_with_metadata(chosen["path"], out_path, fp32_onnx, target)

@@ -2,11 +2,12 @@
 
 Opset 13 by default because TensorRT 8.2 (JetPack 4, TX2) parses opsets 7 to 13. The
 TorchScript exporter writes any opset directly; where only the dynamo exporter exists it writes
-its own opset and the graph is converted down, then checked again like any other.
+its own opset and the graph is converted down, then checked again like any other. The model's
+task names the outputs and their dynamic axes (`Task.export_outputs`, `Task.dynamic_axes`) and
+writes the rsedge.* metadata table (`Task.preprocess`), so a new task exports with no change here.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -15,35 +16,35 @@ import numpy as np
 import torch
 from torch import nn
 
+from rsedge.runtime import tasks as device_tasks
+from rsedge.runtime.backends.ort import OrtRunner
+from rsedge.runtime.compare import compare, max_abs_diff
+from rsedge.runtime.evaluate import evaluate_arrays, infer_arrays
+from rsedge.runtime.preprocess import to_metadata_props
 from rsedge.trainer.records import atomic_write_bytes
+from rsedge.trainer.tasks import INPUT_NAME, task_for
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 13
 SIMPLIFIERS = ("onnxslim", "onnxsim", "none")
 
 
+def preprocess_spec(meta: dict[str, Any]) -> dict[str, Any]:
+    """The rsedge.* table without its prefix (the model's task writes it: `Task.preprocess`), as
+    a bundle's preprocess.json carries it for devices that read engines, not ONNX."""
+    return task_for(meta).preprocess(meta)
+
+
 def metadata_props(meta: dict[str, Any], precision: str = "fp32") -> dict[str, str]:
-    """What the device needs to preprocess and label with no other file (runtime/README.md)."""
+    """What the device needs to preprocess and read the outputs with no other file
+    (runtime/README.md): the same table, prefixed, plus the version, precision and arch."""
     try:
         from importlib.metadata import version
 
         rsedge_version = version("rsedge")
     except Exception:  # noqa: BLE001
         rsedge_version = "unknown"
-    return {
-        "rsedge.task": "classification",
-        "rsedge.classes": json.dumps(list(meta["classes"])),
-        "rsedge.input_size": json.dumps(list(meta["input_size"])),
-        "rsedge.mean": json.dumps(list(meta["normalization"]["mean"])),
-        "rsedge.std": json.dumps(list(meta["normalization"]["std"])),
-        "rsedge.layout": "NCHW",
-        "rsedge.color": "RGB",
-        "rsedge.resize": "resize",
-        "rsedge.version": rsedge_version,
-        "rsedge.precision": precision,
-        "rsedge.arch": meta.get("arch", ""),
-    }
+    return to_metadata_props({**preprocess_spec(meta), "version": rsedge_version, "precision": precision,
+                              "arch": meta.get("arch", "")})
 
 
 def set_metadata(model_proto, props: dict[str, str]) -> None:
@@ -114,14 +115,16 @@ def exportable(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list
     return model, [r[0] for r in replace]
 
 
-def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> str:
-    dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
+                  outputs: list[str], dynamic_axes: dict[str, dict[int, str]]) -> str:
+    """Export with the task's output names; `dynamic_axes` (the task's, by tensor name) empty for
+    a fixed batch."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
                 model, (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
+                input_names=[INPUT_NAME], output_names=outputs, dynamic_axes=dynamic_axes or None,
                 do_constant_folding=True,
             )
             return "torchscript"
@@ -132,11 +135,12 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
     import onnx
     from onnx import version_converter
 
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
+    axes = dynamic_axes.get(INPUT_NAME)
+    dynamic_shapes = ({a: torch.export.Dim(n, min=1, max=1024) for a, n in axes.items()},) if axes else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                 output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, verbose=False)
+                                 output_names=outputs, dynamic_shapes=dynamic_shapes, verbose=False)
     proto = prog.model_proto
     native = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if native != opset:
@@ -161,12 +165,35 @@ def ort_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def onnx_runner(path: str | Path):
+    """The runtime's own ONNX Runtime runner on the CPU (what the device runs, minus the GPU)."""
+    return OrtRunner(str(path), providers=["cpu"], log_severity=3)
+
+
+def run_onnx_outputs(path: str | Path, images: np.ndarray, batch: int = 32):
+    """Every output of an ONNX file on preprocessed images: the runtime's Outputs (by position and name)."""
+    with onnx_runner(path) as runner:
+        return infer_arrays(runner, images, batch)
+
+
 def run_onnx(path: str | Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    sess = ort_session(path)
-    name = sess.get_inputs()[0].name
-    fixed = sess.get_inputs()[0].shape[0]
-    step = fixed if isinstance(fixed, int) else batch
-    return np.concatenate([sess.run(None, {name: images[i : i + step]})[0] for i in range(0, len(images), step)])
+    """The first output of an ONNX file (a classifier's logits) on preprocessed images."""
+    return run_onnx_outputs(path, images, batch)[0]
+
+
+def predict_onnx(path: str | Path, images: np.ndarray, task: str | None = None, batch: int = 32) -> np.ndarray:
+    """The task's decoded predictions of an ONNX file (a classifier's class per image), by the runtime."""
+    device_task = device_tasks.get_task(task or device_tasks.DEFAULT_TASK)
+    return np.asarray(device_task.decode(run_onnx_outputs(path, images, batch).as_dict(), {}))
+
+
+def evaluate_onnx(path: str | Path, images: np.ndarray, targets: Any, task: str | None = None,
+                  batch: int = 32) -> dict[str, Any]:
+    """The task's metrics of an ONNX file on preprocessed images, by the runtime's evaluation (its
+    accumulator counts: "correct" and "top1" for classification): the INT8 guard and the demo use it."""
+    with onnx_runner(path) as runner:
+        return evaluate_arrays(runner, images, targets, batch=batch, task=device_tasks.get_task(
+            task or device_tasks.DEFAULT_TASK))
 
 
 @torch.no_grad()
@@ -176,16 +203,28 @@ def run_torch(model: nn.Module, images: np.ndarray, batch: int = 64) -> np.ndarr
     return np.concatenate(outs)
 
 
-def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    return {
-        "max_abs_diff": float(np.max(np.abs(reference - candidate))) if reference.size else 0.0,
-        "top1_agreement": float(np.mean(reference.argmax(1) == candidate.argmax(1))) if reference.size else 1.0,
-        "images": int(len(reference)),
-    }
+def _named(outputs: Any, first_only: bool = False) -> dict[str, np.ndarray]:
+    named = outputs.as_dict() if hasattr(outputs, "as_dict") else dict(outputs) if isinstance(outputs, dict) else {
+        "output0": np.asarray(outputs)}
+    return {"output0": next(iter(named.values()))} if first_only and named else named
+
+
+def parity(reference: Any, candidate: Any, task: str | None = None) -> dict[str, float]:
+    """Parity by the runtime's comparator: the largest difference over every output and the task's
+    agreement (top-1 agreement for classifiers), under the record keys exports have always had.
+    reference / candidate: {name: array} or a runner's Outputs; a bare array is a first output, compared
+    with the other side's first output."""
+    first_only = isinstance(reference, np.ndarray) or isinstance(candidate, np.ndarray)
+    ref, cand = _named(reference, first_only), _named(candidate, first_only)
+    n = int(len(next(iter(ref.values())))) if ref else 0
+    if n == 0:
+        return {"max_abs_diff": 0.0, "top1_agreement": 1.0, "images": 0}
+    result = compare(ref, cand, task=device_tasks.get_task(task or device_tasks.DEFAULT_TASK))
+    return {"max_abs_diff": max_abs_diff(result), "top1_agreement": result["agreement"], "images": n}
 
 
 def simplify(src: Path, dst: Path, tool: str, check_images: np.ndarray, tol: float = 1e-4,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print, task: str | None = None) -> dict[str, Any]:
     """Simplify `src` into `dst`; on failure or changed outputs, `dst` gets the unsimplified graph."""
     import onnx
 
@@ -210,7 +249,7 @@ def simplify(src: Path, dst: Path, tool: str, check_images: np.ndarray, tol: flo
             raise ValueError(f"unknown simplifier {tool!r}; choose from {', '.join(SIMPLIFIERS)}")
         tmp = dst.with_suffix(".simplified.tmp")
         onnx.save(simplified, str(tmp))
-        diff = parity(run_onnx(src, check_images), run_onnx(tmp, check_images))
+        diff = parity(run_onnx_outputs(src, check_images), run_onnx_outputs(tmp, check_images), task=task)
         if diff["max_abs_diff"] > tol or diff["top1_agreement"] < 1.0:
             tmp.unlink()
             raise RuntimeError(f"outputs changed (max abs diff {diff['max_abs_diff']:.3g})")
@@ -248,14 +287,16 @@ def export_onnx(
     to_export, replaced = exportable(model, example)
     if replaced:
         log(f"adaptive pooling of {', '.join(replaced)} exported as its exact fixed-size equivalent (MatMul)")
-    exporter = _torch_export(to_export, example, raw, opset, dynamic_batch)
+    task = task_for(meta)
+    exporter = _torch_export(to_export, example, raw, opset, task.export_outputs(meta),
+                             task.dynamic_axes(meta, dynamic_batch))
     probe = check_images[: min(len(check_images), 8)] if dynamic_batch else check_images[:1]
-    simp = simplify(raw, path, simplifier, probe, log=log)
+    simp = simplify(raw, path, simplifier, probe, log=log, task=task.name)
     raw.unlink(missing_ok=True)
     proto = onnx.load(str(path))
     set_metadata(proto, metadata_props(meta))
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
-    result = parity(run_torch(model, check_images), run_onnx(path, check_images))
+    result = parity(run_torch(model, check_images), run_onnx(path, check_images), task=task.name)
     return {"exporter": exporter, "opset": opset, "dynamic_batch": dynamic_batch, "simplify": simp, "parity": result,
             "fixed_adaptive_pools": replaced}

@@ -9,11 +9,13 @@ import os
 import shutil
 import sys
 
-from . import __version__, benchmark, report
-from .archive import ARCHIVE_SUFFIXES, extract_bundle, is_bundle_archive
-from .bundle import Bundle, ensure_engines, is_bundle, variants_for
+from . import __version__
+from .bench import benchmark, report
+from .build.trt_compat import parse_batch
+from .bundles.archive import ARCHIVE_SUFFIXES, extract_bundle, is_bundle_archive
+from .bundles.bundle import Bundle, ensure_engines, is_bundle, variants_for
 from .errors import BackendUnavailable, RuntimeToolError
-from .trt_compat import parse_batch
+from .helpformat import HelpFormatter
 
 EPILOG = """examples:
   rsedge-bench model.onnx                               ONNX Runtime, batch 1
@@ -100,20 +102,6 @@ def build_parser(prog="rsedge-bench"):
     return p
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends '(default: X)' to options that have a meaningful default, and only to those."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS))
-                or "default" in text):
-            return text
-        default = action.default
-        if isinstance(default, (list, tuple)):
-            default = ",".join(str(v) for v in default)
-        return f"{text} (default: {default})"
-
-
 def _log_to_stderr(msg):
     sys.stderr.write(msg + "\n")
     sys.stderr.flush()
@@ -145,67 +133,102 @@ def run_model(path, args, log, label=None, evaluate=None, backend=None):
                                   evaluate=evaluate, **_bench_kwargs(args))
     if label:
         doc["label"] = label
-    if doc.get("accuracy") and doc["accuracy"].get("top1") is not None:
-        log("  top-1 {:.2f} % on {} images".format(100.0 * doc["accuracy"]["top1"], doc["accuracy"]["n"]))
+    if doc.get("accuracy"):
+        line = summary_line(doc["accuracy"])
+        if line:
+            log("  " + line)
     return doc
 
 
-def run_bundle(directory, args, log):
-    """Verify, build what is missing (TensorRT) or fall back to ONNX Runtime, then benchmark every variant
-    made for the backend in use (TensorRT: engines from fp32 and the TensorRT Q/DQ; ONNX Runtime:
-    fp32 and the CPU INT8 variant)."""
-    from .evaluate import evaluate_arrays, load_eval_arrays
+def summary_line(result):
+    """The log line of an evaluation result, in the words of the task that produced it."""
+    from .tasks import DEFAULT_TASK, get_task
 
-    bundle = Bundle.open(directory, log=log)
-    name = os.path.basename(os.path.normpath(directory))
-    evaluate = None
-    own_eval = args.eval == _BUNDLE_EVAL or (args.eval is None and not args.no_eval and
-                                             (bundle.manifest.get("eval") or {}).get("images"))
-    if own_eval:
-        images, labels = load_eval_arrays(directory, bundle.manifest, args.eval_limit)
-        classes = bundle.class_names()
+    return get_task(result.get("task") or DEFAULT_TASK).summary(result)
 
-        def evaluate(runner):
-            return evaluate_arrays(runner, images, labels, batch=args.eval_batch, class_names=classes, log=log)
-    models = []
+
+def _bundle_engines(bundle, caps, args, log):
+    """[(engine, variant, precision)] built here or found, for TensorRT."""
+    build_batch = parse_batch(args.build_batch or str(max(args.batch)))
+    precisions = [p.strip() for p in args.precisions.split(",")] if args.precisions else None
+    log("{} (sm {}), TensorRT {}: fast FP16 {}, fast INT8 {}".format(
+        caps["device"]["name"], caps["device"]["compute_capability"], caps["tensorrt_version"],
+        "yes" if caps["fast_fp16"] else "no", "yes" if caps["fast_int8"] else "no"))
+    if args.no_build:
+        from .bundles.bundle import plan_engines
+
+        plan = [dict(item, status="existing" if os.path.isfile(item["engine"]) else "missing")
+                for item in plan_engines(bundle, caps, build_batch, precisions) if not item["skip"]]
+    else:
+        plan = ensure_engines(bundle, caps, build_batch, precisions, workspace_mb=args.workspace_mb,
+                              dla_core=args.dla, log=log)
+    found = [(item["engine"], item["variant"], item["precision"]) for item in plan
+             if item["status"] in ("built", "reused", "existing")]
+    if not found:
+        raise RuntimeToolError(f"no engine could be built or found in {bundle.directory}")
+    return found
+
+
+def bundle_models(bundle, args, log):
+    """[(path, label, precision, is the FP32 reference)] of a bundle for the backend this machine has:
+    TensorRT engines from fp32 and the TensorRT Q/DQ, or else the ONNX files ONNX Runtime runs."""
+    name = os.path.basename(os.path.normpath(bundle.directory))
     try:
-        from .trt_build import probe_device
+        from .build.trt_build import probe_device
 
         caps = probe_device()
     except BackendUnavailable as e:
         log(f"TensorRT is not usable here ({e}); benchmarking the bundle's ONNX variants with ONNX Runtime "
             "instead")
         caps = None
-    backend = "tensorrt" if caps is not None else "onnxruntime"
-    chosen, skipped = variants_for(bundle, backend)
+    chosen, skipped = variants_for(bundle, "tensorrt" if caps is not None else "onnxruntime")
     for v, why in skipped:
         log("{}: not run here: {}".format(v["name"], why))
+    float_variants = [v["name"] for v in bundle.variants if v.get("precision", "fp32") != "int8"]
     if caps is not None:
-        build_batch = parse_batch(args.build_batch or str(max(args.batch)))
-        precisions = [p.strip() for p in args.precisions.split(",")] if args.precisions else None
-        log("{} (sm {}), TensorRT {}: fast FP16 {}, fast INT8 {}".format(
-            caps["device"]["name"], caps["device"]["compute_capability"], caps["tensorrt_version"],
-            "yes" if caps["fast_fp16"] else "no", "yes" if caps["fast_int8"] else "no"))
-        if args.no_build:
-            from .bundle import plan_engines
-
-            plan = [dict(item, status="existing" if os.path.isfile(item["engine"]) else "missing")
-                    for item in plan_engines(bundle, caps, build_batch, precisions) if not item["skip"]]
-        else:
-            plan = ensure_engines(bundle, caps, build_batch, precisions, workspace_mb=args.workspace_mb,
-                                  dla_core=args.dla, log=log)
-        for item in plan:
-            if item["status"] in ("built", "reused", "existing"):
-                models.append((item["engine"], "{}:{}/{}".format(name, item["variant"], item["precision"])))
-        if not models:
-            raise RuntimeToolError(f"no engine could be built or found in {directory}")
+        models = [(engine, "{}:{}/{}".format(name, variant, precision), precision,
+                   variant in float_variants[:1] and precision == "fp32")
+                  for engine, variant, precision in _bundle_engines(bundle, caps, args, log)]
     else:
-        for v in chosen:
-            models.append((bundle.path(v["onnx"]), "{}:{} (onnx)".format(name, v["name"])))
+        models = [(bundle.path(v["onnx"]), "{}:{} (onnx)".format(name, v["name"]), v.get("precision", "fp32"),
+                   v["name"] in float_variants[:1]) for v in chosen]
+    return sorted(models, key=lambda m: not m[3])
+
+
+def run_bundle(directory, args, log):
+    """Verify, build what is missing (TensorRT) or fall back to ONNX Runtime, then benchmark every variant
+    made for the backend in use (TensorRT: engines from fp32 and the TensorRT Q/DQ; ONNX Runtime:
+    fp32 and the CPU INT8 variant). On the bundle's own evaluation set each variant is also checked
+    against the FP32 one (bundles/check.py): the run's "check" entry."""
+    from .bundles.check import VariantCheck, describe
+    from .evaluate import evaluate_arrays, load_eval_arrays
+
+    bundle = Bundle.open(directory, log=log)
+    own_eval = args.eval == _BUNDLE_EVAL or (args.eval is None and not args.no_eval and
+                                             (bundle.manifest.get("eval") or {}).get("images"))
+    check = None
+    if own_eval:
+        task = bundle.task()
+        images, targets = load_eval_arrays(directory, bundle.manifest, args.eval_limit, task=task)
+        classes = bundle.class_names()
+        check = VariantCheck(task, dict(bundle.preprocess(), classes=classes))
     runs = []
-    for path, label in models:
+    for path, label, precision, is_reference in bundle_models(bundle, args, log):
         log(f"== {label}")
-        runs.append(run_model(path, args, log, label=label, evaluate=evaluate, backend="auto"))
+        evaluate, observe = None, None
+        if check is not None:
+            observe = check.observer(is_reference)
+
+            def evaluate(runner, observe=observe):
+                return evaluate_arrays(runner, images, targets, batch=args.eval_batch, class_names=classes,
+                                       log=log, task=task, observe=observe)
+        run = run_model(path, args, log, label=label, evaluate=evaluate, backend="auto")
+        if check is not None:
+            entry = check.finish(observe, label, precision, is_reference)
+            if entry is not None:
+                run["check"] = entry
+                log(describe(entry))
+        runs.append(run)
     return runs
 
 
@@ -237,7 +260,7 @@ def parse_args(parser, argv):
 def _label_path(model):
     """The path a row's label comes from: an archive stands for the folder it is extracted to."""
     if is_bundle_archive(model):
-        from .archive import archive_stem
+        from .bundles.archive import archive_stem
 
         return os.path.join(os.path.dirname(model), archive_stem(model))
     return model

@@ -1,17 +1,21 @@
-"""Top-1 accuracy on the device: on a labeled image folder, or on a bundle's evaluation tensors.
+"""Evaluation on the device: on an image folder, or on a bundle's evaluation tensors.
 
 The point is to check that what runs on the board (an FP16 or INT8 engine, our numpy
-preprocessing) still classifies as the host said it would, so the same functions serve every
-backend. Corrupt images are reported by name and skipped, never fatal.
+preprocessing) still predicts as the host said it would, so the same loop serves every backend
+and every task: the runner's outputs go to the model's task (tasks/, chosen by its
+`rsedge.task` metadata), which decodes them and scores them against the targets. Corrupt
+images are reported by name and skipped, never fatal.
 """
 
-import os
+import collections
 
 import numpy as np
 
-from .backends import open_runner
+from .backends import Outputs, open_runner
 from .errors import RuntimeToolError
-from .preprocess import PreprocessSpec, list_labeled_folder, load_image
+from .preprocess import PreprocessSpec, load_image
+from .tasks import DEFAULT_TASK, get_task, task_for
+from .tasks.base import eval_file, load_array
 
 
 def batch_plan(runner, batch):
@@ -23,103 +27,119 @@ def batch_plan(runner, batch):
     return max(size, low), None
 
 
-def _predict(runner, x, pad_to):
+def run_chunk(runner, x, pad_to=None):
+    """Every output of one chunk, {name: array} in output order, without the padding rows."""
     n = x.shape[0]
     if pad_to is not None and n < pad_to:
         x = np.concatenate([x, np.zeros((pad_to - n,) + x.shape[1:], dtype=x.dtype)])
-    logits = np.asarray(runner.infer(x)[0])
-    return logits[:n].reshape(n, -1)
+    out = runner.infer(x)
+    named = out.as_dict() if isinstance(out, Outputs) else collections.OrderedDict(
+        ("output{}".format(i), a) for i, a in enumerate(out))
+    return collections.OrderedDict((name, np.asarray(a)[:n]) for name, a in named.items())
 
 
-class Tally:
-    """Running top-1 and per-class counts."""
-
-    def __init__(self, class_names):
-        self.class_names = list(class_names) if class_names is not None else None
-        self.correct = {}
-        self.total = {}
-
-    def add(self, predicted, labels):
-        for p, y in zip(np.asarray(predicted).tolist(), np.asarray(labels).tolist()):
-            self.total[y] = self.total.get(y, 0) + 1
-            if p == y:
-                self.correct[y] = self.correct.get(y, 0) + 1
-
-    def result(self):
-        n = sum(self.total.values())
-        correct = sum(self.correct.values())
-        per_class = {}
-        for y in sorted(self.total):
-            name = self.class_names[y] if self.class_names and 0 <= y < len(self.class_names) else str(y)
-            c = self.correct.get(y, 0)
-            per_class[name] = {"n": self.total[y], "correct": c, "accuracy": c / float(self.total[y])}
-        return {"top1": correct / float(n) if n else None, "n": n, "correct": correct, "per_class": per_class}
-
-
-def evaluate_arrays(runner, images, labels, batch=32, class_names=None, log=None):
-    """Top-1 and per-class accuracy of `runner` on preprocessed images (N, C, H, W) and int labels (N,)."""
+def iter_outputs(runner, images, batch=32, log=None):
+    """(start, stop, {name: array}) for consecutive chunks of preprocessed images (N, C, H, W)."""
     log = log or (lambda msg: None)
-    images = np.asarray(images)
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
-    if images.shape[0] != labels.shape[0]:
-        raise RuntimeToolError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     dtype = runner.inputs()[0].dtype
     size, pad_to = batch_plan(runner, batch)
-    tally = Tally(class_names)
-    for start in range(0, images.shape[0], size):
+    total = images.shape[0]
+    for start in range(0, total, size):
         x = np.ascontiguousarray(images[start:start + size], dtype=dtype)
-        tally.add(_predict(runner, x, pad_to).argmax(axis=1), labels[start:start + size])
-        done = min(start + size, images.shape[0])
-        if (start // size) % 20 == 0 or done == images.shape[0]:
-            log(f"  evaluated {done}/{images.shape[0]}")
-    return tally.result()
+        yield start, start + x.shape[0], run_chunk(runner, x, pad_to)
+        _progress(log, start, size, total)
 
 
-def evaluate_folder_with(runner, folder, batch=32, limit=None, log=None):
+def infer_arrays(runner, images, batch=32):
+    """Every output of `runner` over all `images`, concatenated: Outputs (by position and by name)."""
+    images = np.asarray(images)
+    chunks = [outputs for _, _, outputs in iter_outputs(runner, images, batch)]
+    if not chunks:
+        return Outputs([s.name for s in runner.outputs()], [np.zeros((0,), np.float32) for _ in runner.outputs()])
+    names = list(chunks[0])
+    return Outputs(names, [np.concatenate([c[name] for c in chunks]) for name in names])
+
+
+def _progress(log, start, size, total):
+    done = min(start + size, total)
+    if (start // size) % 20 == 0 or done == total:
+        log("  evaluated {}/{}".format(done, total))
+
+
+def _task_metadata(runner, class_names=None):
+    meta = dict(getattr(runner, "metadata", None) or {})
+    if class_names is not None:
+        meta["classes"] = list(class_names)
+    return meta
+
+
+def evaluate_arrays(runner, images, targets, batch=32, class_names=None, log=None, task=None, observe=None):
+    """The task's metrics (classification: top-1 and per-class accuracy) of `runner` on preprocessed
+    images (N, C, H, W) and their targets (one per image; class ids for classification).
+
+    task: a DeviceTask (default: the one the runner's metadata names); observe(start, outputs) sees
+    every chunk's outputs, which is how rsedge-bench compares variants without a second pass."""
+    meta = _task_metadata(runner, class_names)
+    task = task or task_for(meta)
+    images = np.asarray(images)
+    if images.shape[0] != len(targets):
+        raise RuntimeToolError("{} images but {} {}".format(images.shape[0], len(targets), task.targets_name))
+    accumulator = task.accumulator(meta)
+    for start, stop, outputs in iter_outputs(runner, images, batch, log):
+        if observe is not None:
+            observe(start, outputs)
+        accumulator.update(task.decode(outputs, meta), targets[start:stop])
+    return dict(accumulator.result(), task=task.name)
+
+
+def _load_chunk(spec, items, skipped):
+    xs, ys = [], []
+    for path, target in items:
+        try:
+            xs.append(spec(load_image(path)))
+            ys.append(target)
+        except RuntimeToolError:
+            raise
+        except Exception as e:  # noqa: BLE001 - image decoders raise many types; a bad file is skipped
+            skipped.append({"file": path, "error": str(e)})
+    return xs, ys
+
+
+def evaluate_folder_with(runner, folder, batch=32, limit=None, log=None, task=None):
     """evaluate_folder for an already loaded runner."""
     log = log or (lambda msg: None)
-    meta = runner.metadata
-    classes = meta.get("classes")
-    items, class_names = list_labeled_folder(folder, classes)
+    task = task or task_for(runner.metadata)
+    items, meta, note = task.folder_items(folder, _task_metadata(runner))
     if limit:
         items = items[:int(limit)]
     spec = PreprocessSpec.from_metadata(meta, runner.inputs()[0].shape, log=log)
     size, pad_to = batch_plan(runner, batch)
     dtype = runner.inputs()[0].dtype
-    tally = Tally(class_names)
+    accumulator = task.accumulator(meta)
     skipped = []
     h, w = spec.input_size
-    log(f"evaluating {len(items)} images from {folder} ({len(class_names)} classes, input {h}x{w})")
+    log("evaluating {} images from {} ({}, input {}x{})".format(len(items), folder, task.describe(meta), h, w))
     for start in range(0, len(items), size):
-        xs, ys = [], []
-        for path, label in items[start:start + size]:
-            try:
-                xs.append(spec(load_image(path)))
-                ys.append(label)
-            except RuntimeToolError:
-                raise
-            except Exception as e:  # noqa: BLE001 - image decoders raise many types; a bad file is skipped
-                skipped.append({"file": path, "error": str(e)})
+        xs, ys = _load_chunk(spec, items[start:start + size], skipped)
         if xs:
-            x = np.ascontiguousarray(np.stack(xs), dtype=dtype)
-            tally.add(_predict(runner, x, pad_to).argmax(axis=1), ys)
-        done = min(start + size, len(items))
-        if (start // size) % 20 == 0 or done == len(items):
-            log(f"  evaluated {done}/{len(items)}")
-    result = tally.result()
+            outputs = run_chunk(runner, np.ascontiguousarray(np.stack(xs), dtype=dtype), pad_to)
+            accumulator.update(task.decode(outputs, meta), ys)
+        _progress(log, start, size, len(items))
+    result = dict(accumulator.result(), task=task.name)
     result["skipped"] = len(skipped)
     result["skipped_files"] = skipped[:20]
     result["preprocess"] = spec.to_dict()
     if skipped:
         log("warning: skipped {} unreadable image(s), e.g. {}".format(len(skipped), skipped[0]["file"]))
-    if classes is None:
-        result["note"] = "the model carries no class names: folder names, sorted, were taken as class ids"
+    if note:
+        result["note"] = note
     return result
 
 
 def evaluate_folder(model_path, folder, backend="auto", batch=32, providers=None, threads=None, limit=None,
                     log=None):
-    """Top-1 and per-class accuracy of a model file on folder/<class>/<image>, preprocessing from its metadata."""
+    """The task's metrics of a model file on an image folder (classification: folder/<class>/<image>),
+    preprocessing from its metadata."""
     runner = open_runner(model_path, backend=backend, providers=providers, threads=threads, log=log)
     try:
         return evaluate_folder_with(runner, folder, batch=batch, limit=limit, log=log)
@@ -127,13 +147,12 @@ def evaluate_folder(model_path, folder, backend="auto", batch=32, providers=None
         runner.close()
 
 
-def load_eval_arrays(bundle_dir, manifest, limit=None):
-    """The bundle's own evaluation set: eval/images.npy (N,C,H,W float32) and eval/labels.npy (N,)."""
+def load_eval_arrays(bundle_dir, manifest, limit=None, task=None):
+    """The bundle's own evaluation set: eval/images.npy (N,C,H,W float32) and the targets its task reads
+    (classification: eval/labels.npy (N,)), as the manifest's eval entry names them."""
+    task = task or get_task(DEFAULT_TASK)
     entry = manifest.get("eval") or {}
-    if not entry.get("images") or not entry.get("labels"):
+    if not entry.get("images"):
         raise RuntimeToolError(f"bundle {bundle_dir} has no evaluation set in its manifest")
-    images = np.load(os.path.join(bundle_dir, entry["images"]), mmap_mode="r", allow_pickle=False)
-    labels = np.load(os.path.join(bundle_dir, entry["labels"]), allow_pickle=False)
-    if limit:
-        images, labels = images[:int(limit)], labels[:int(limit)]
-    return images, labels
+    images = load_array(eval_file(bundle_dir, entry, "images"), limit)
+    return images, task.load_targets(bundle_dir, entry, limit)

@@ -20,11 +20,11 @@ import os
 import numpy as np
 
 from .errors import RuntimeToolError
+from .imagefolder import IMAGE_EXTENSIONS, list_labeled_folder  # noqa: F401 - also read from here
 
 PREFIX = "rsedge."
 KEYS = ("task", "classes", "input_size", "mean", "std", "layout", "color", "resize", "version", "precision", "arch")
 PREPROCESS_JSON = "preprocess.json"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".npy")
 
 
 def _decode(value):
@@ -74,7 +74,7 @@ def merge_metadata(own, fallback):
 
 def onnx_metadata(onnx_path):
     """Rule 1+2 for an ONNX file, read without the onnx package."""
-    from .onnx_meta import read_onnx_info
+    from .build.onnx_meta import read_onnx_info
 
     own = normalize_metadata(read_onnx_info(onnx_path)["metadata"])
     return merge_metadata(own, read_preprocess_json(os.path.dirname(os.path.abspath(onnx_path))))
@@ -236,31 +236,3 @@ def load_image(path):
         return _to_rgb_uint8(_read_pnm(path), path)
     raise RuntimeToolError(f"reading {ext} files needs Pillow (pip install pillow); without it only .npy, .ppm and "
                            ".pgm images can be read")
-
-
-def list_labeled_folder(folder, class_names=None):
-    """[(path, class index)] from an ImageFolder-style tree: folder/<class name>/<image>.
-
-    With the model's class names, every subfolder must be one of them (a typo would silently
-    score 0 %); without them, subfolders are the classes in sorted order, as ImageFolder does.
-    """
-    if not os.path.isdir(folder):
-        raise RuntimeToolError(f"evaluation folder {folder} does not exist")
-    subdirs = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    if not subdirs:
-        raise RuntimeToolError(f"{folder} has no class subfolders (expected {folder}/<class>/<image files>)")
-    if class_names is None:
-        class_names = subdirs
-    unknown = [d for d in subdirs if d not in class_names]
-    if unknown:
-        raise RuntimeToolError("class folders {} in {} are not classes of the model (model classes: {})".format(
-            ", ".join(unknown), folder, ", ".join(class_names)))
-    index = {name: i for i, name in enumerate(class_names)}
-    items = []
-    for d in subdirs:
-        for name in sorted(os.listdir(os.path.join(folder, d))):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                items.append((os.path.join(folder, d, name), index[d]))
-    if not items:
-        raise RuntimeToolError("no image files ({}) under {}".format(" ".join(IMAGE_EXTENSIONS), folder))
-    return items, list(class_names)

@@ -31,11 +31,19 @@ def trained(tmp_path_factory, synth_data) -> Path:
 
 @pytest.fixture(scope="session")
 def runtime_helpers():
-    """tests/test_runtime_helpers.py as a module: fake TensorRT/CUDA, small ONNX models and bundles."""
-    import importlib.util
+    """tests/runtime_fakes.py: fake TensorRT/CUDA, small ONNX models and bundles (also `import runtime_fakes`)."""
+    import runtime_fakes
 
-    path = Path(__file__).with_name("test_runtime_helpers.py")
-    spec = importlib.util.spec_from_file_location("rsedge_runtime_test_helpers", str(path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return runtime_fakes
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """Behave as on a machine without TensorRT, even if one is installed."""
+    from rsedge.runtime.backends import trt as backends_trt
+    from rsedge.runtime.errors import BackendUnavailable
+
+    def unavailable():
+        raise BackendUnavailable("TensorRT's Python package is not importable here (test)")
+
+    monkeypatch.setattr(backends_trt, "import_tensorrt", unavailable)

@@ -1,13 +1,16 @@
 """Shared builders for the runtime tests: tiny ONNX classifiers (onnx helper API, no torch) and bundles.
 
-Other test_runtime_* files load this file by path (see load_helpers there), so it works whatever
-import mode pytest uses. It holds no tests itself.
+Test files import it as a plain module (`import runtime_fakes as H`, as tests/tiny_models.py is
+imported): pytest puts tests/ on sys.path (rootdir conftest, default import mode).
 """
 
 import json
 import os
 
 import numpy as np
+
+# rsedge-bench options for a quick run in tests: no warm-up, three timed runs, no power sampling
+FAST = ["--warmup", "0", "--iterations", "3", "--duration", "0", "--no-power"]
 
 CLASSES = ("forest", "river", "urban")
 MEAN = [0.485, 0.456, 0.406]
@@ -30,8 +33,9 @@ def metadata_props(input_size=(16, 16), classes=CLASSES, precision="fp32"):
 
 
 def make_classifier_onnx(path, input_size=(16, 16), classes=CLASSES, batch="batch", metadata=True, qdq=False,
-                         channels=4, seed=0):
-    """Conv(3x3) + Relu + GlobalAveragePool + Flatten + Gemm, batch axis dynamic unless `batch` is an int."""
+                         channels=4, seed=0, features=None):
+    """Conv(3x3) + Relu + GlobalAveragePool + Flatten + Gemm, batch axis dynamic unless `batch` is an int.
+    features="first" / "last": the pooled features are a second output named "features", before / after "logits"."""
     from onnx import TensorProto, helper, numpy_helper, save
 
     rng = np.random.RandomState(seed)
@@ -59,10 +63,12 @@ def make_classifier_onnx(path, input_size=(16, 16), classes=CLASSES, batch="batc
         helper.make_node("Flatten", ["pool"], ["flat"], name="flatten", axis=1),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
     ]
+    if features is not None:
+        nodes.append(helper.make_node("Identity", ["flat"], ["features"], name="features"))
     graph = helper.make_graph(
         nodes, "tiny_classifier",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, h, w])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, n])],
+        _outputs(helper, TensorProto, batch, n, channels, features),
         initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="rsedge-tests")
     model.ir_version = 8
@@ -70,6 +76,14 @@ def make_classifier_onnx(path, input_size=(16, 16), classes=CLASSES, batch="batc
         helper.set_model_props(model, metadata_props(input_size, classes, "int8-qdq" if qdq else "fp32"))
     save(model, path)
     return path
+
+
+def _outputs(helper, TensorProto, batch, n, channels, features):
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, n])
+    if features is None:
+        return [logits]
+    feats = helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, channels])
+    return [feats, logits] if features == "first" else [logits, feats]
 
 
 def ort_logits(path, x):
@@ -81,7 +95,7 @@ def ort_logits(path, x):
 
 def make_bundle(directory, input_size=(16, 16), n_eval=12, n_calib=10):
     """A bundle exactly as the host's writer lays it out, with a manifest over every file."""
-    from rsedge.runtime.manifest import write_manifest
+    from rsedge.runtime.bundles.manifest import write_manifest
 
     os.makedirs(os.path.join(directory, "calib"))
     os.makedirs(os.path.join(directory, "eval"))
@@ -143,7 +157,7 @@ class FakeCuda:
         pass
 
     def device_alloc(self, nbytes):
-        from rsedge.runtime.cuda_api import DeviceBuffer
+        from rsedge.runtime.backends.cuda_api import DeviceBuffer
 
         ptr = self.next_ptr
         self.next_ptr += max(int(nbytes), 1) + 256
@@ -215,7 +229,7 @@ def make_fake_trt(version="8.6.1", fast_fp16=True, fast_int8=True, calibrators=T
     """A module-like object with the slice of the tensorrt API the runtime uses, for one version."""
     import types
 
-    from rsedge.runtime.trt_compat import TrtFeatures
+    from rsedge.runtime.build.trt_compat import TrtFeatures
 
     feat = TrtFeatures(version)
     trt = types.SimpleNamespace(__version__=version)
@@ -357,7 +371,7 @@ def make_fake_trt(version="8.6.1", fast_fp16=True, fast_int8=True, calibrators=T
             self.errors = []
 
         def parse_from_file(self, path):
-            from rsedge.runtime.onnx_meta import read_onnx_info
+            from rsedge.runtime.build.onnx_meta import read_onnx_info
 
             if parse_error is not None:
                 self.errors.append(ParserError(*parse_error))
@@ -457,7 +471,8 @@ def make_fake_trt(version="8.6.1", fast_fp16=True, fast_int8=True, calibrators=T
 
 def install_fake_tensorrt(monkeypatch, trt, cuda):
     """Route the runtime's TensorRT and CUDA imports to the fakes."""
-    from rsedge.runtime import backends_trt, cuda_api
+    from rsedge.runtime.backends import cuda_api
+    from rsedge.runtime.backends import trt as backends_trt
 
     trt.cuda = cuda
     monkeypatch.setattr(backends_trt, "import_tensorrt", lambda: trt)

@@ -2,6 +2,7 @@
 files that are not models, images that became unreadable after the split, run directories that
 already hold a run, synthetic data written over old data, weights of another architecture,
 detection and segmentation datasets given to the classification commands."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -205,7 +206,12 @@ def test_a_run_directory_that_holds_a_run_is_refused(tmp_path, capsys, trained, 
 def test_exist_ok_reaches_the_run_function(monkeypatch, command, target):
     seen = {}
     module, name = target.rsplit(".", 1)
-    monkeypatch.setattr(module + "." + name, lambda *a, **k: seen.update(k))
+
+    def run(*a, **k):  # the CLI builds the stage's options object: what it says is what reached the stage
+        seen.update(k)
+        seen.update(next((vars(x) for x in (*a, *k.values()) if dataclasses.is_dataclass(x)), {}))
+
+    monkeypatch.setattr(module + "." + name, run)
     base = {"train": ["train", "--data", "d", "--model", "resnet18"]}.get(command, [command, "--model", "m"])
     if command in ("finetune", "sparse-train"):
         base += ["--data", "d"]

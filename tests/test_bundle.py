@@ -6,8 +6,8 @@ import pytest
 
 from rsedge.export.bundle import bundle_run
 from rsedge.export.onnx_export import run_onnx
+from rsedge.runtime.bundles.manifest import verify_manifest
 from rsedge.runtime.errors import ManifestError
-from rsedge.runtime.manifest import verify_manifest
 
 
 @pytest.fixture(scope="module")

@@ -103,3 +103,18 @@ def test_export_calibrates_on_a_fraction(tmp_path, synth_data, trained, capsys):
     assert rec["parameters"]["fraction"] == 0.25
     code = main(["export", "--model", str(trained), "--out", str(tmp_path / "y"), "--fraction", "0.5"])
     assert code == 2 and "needs --int8" in capsys.readouterr().err
+
+
+def test_bundle_passes_its_fraction_to_the_calibration(monkeypatch, tmp_path):
+    import rsedge.export.bundle as bundle_mod
+
+    seen = {}
+
+    def fake_export(model_file, out, options, log=print):
+        seen["fraction"] = options.fraction
+        raise ValueError("stop here: the options are what this test checks")
+
+    monkeypatch.setattr(bundle_mod, "export_run", fake_export)
+    monkeypatch.setattr(bundle_mod, "load_model", lambda path: (None, {}))
+    rc = main(["bundle", "--model", "m.safetensors", "--out", str(tmp_path / "b"), "--fraction", "0.3"])
+    assert rc == 2 and seen["fraction"] == 0.3

@@ -40,7 +40,7 @@ def _run(k2, compensate):
     with torch.no_grad():
         ref = m(x)
     inputs = torch.randn(8, 3, 8, 8) if compensate else None
-    slim, report = prune_network(m, [8, 8], 3, "bn-scale", None, threshold=1e-6, min_channels=1,
+    slim, report = prune_network(m, [8, 8], "bn-scale", None, threshold=1e-6, min_channels=1, head=["fc"],
                                  compensate_inputs=inputs)
     assert slim.conv1.out_channels == 8 and slim.conv2.in_channels == 8
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_a_consumer_without_bias_or_batchnorm_gets_a_new_bias():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         ref = m(x)
-    slim, report = prune_network(m, [8, 8], 3, "bn-scale", None, threshold=1e-6, min_channels=1,
+    slim, report = prune_network(m, [8, 8], "bn-scale", None, threshold=1e-6, min_channels=1, head=["fc"],
                                  compensate_inputs=torch.randn(4, 3, 8, 8))
     assert report["compensation"]["consumers"][0]["into"] == "new bias" and slim.conv2.bias is not None
     with torch.no_grad():

@@ -9,10 +9,10 @@ from torch import nn
 
 from rsedge.compress.importance import get_criterion
 from rsedge.compress.plan import build_units, select
-from rsedge.compress.prune import classifier_layers, prune_network
+from rsedge.compress.prune import prune_network
 from rsedge.compress.slim import apply_plan, masked_copy
 from rsedge.trainer.modelfile import IndexedAdd, load_model, read_metadata, save_model
-from rsedge.trainer.models import create_model
+from rsedge.trainer.models import create_model, head_modules
 
 
 def _randomized(arch, seed=0):
@@ -42,7 +42,7 @@ def test_slimmed_equals_masked(arch, coupling):
         full = model(x)
     # random scores: every branch of a residual add keeps a different set, the hardest case
     plan = build_units(model, torch.zeros(1, 3, 32, 32), get_criterion("random", seed=3),
-                       classifier_layers(model, 5), coupling)
+                       head_modules(model), coupling)
     select(plan, ratio=0.4, round_to=8, min_channels=8)
     masked = masked_copy(model, plan).eval()
     slim, rewritten = apply_plan(plan)
@@ -87,7 +87,7 @@ def test_reconstructed_model_round_trips_and_exports_to_plain_onnx(tmp_path, arc
     import onnxruntime as ort
 
     model = _randomized(arch)
-    slim, report = prune_network(model, [32, 32], 5, "random", 0.4, coupling="reconstruct", seed=2)
+    slim, report = prune_network(model, [32, 32], "random", 0.4, coupling="reconstruct", seed=2)
     assert report["reconstructed_adds"]
     path = save_model(tmp_path / "m.safetensors", slim, _meta(arch))
     layout = read_metadata(path)["layout"]
@@ -111,7 +111,7 @@ def test_reconstructed_model_round_trips_and_exports_to_plain_onnx(tmp_path, arc
 
 def test_reconstructed_model_trains(tmp_path):
     model = _randomized("resnet18")
-    slim, _ = prune_network(model, [32, 32], 5, "random", 0.4, coupling="reconstruct", seed=2)
+    slim, _ = prune_network(model, [32, 32], "random", 0.4, coupling="reconstruct", seed=2)
     slim.train()
     opt = torch.optim.SGD(slim.parameters(), lr=0.01)
     loss = slim(torch.randn(4, 3, 32, 32)).logsumexp(1).mean()
@@ -122,7 +122,7 @@ def test_reconstructed_model_trains(tmp_path):
 
 def _tampered(tmp_path, change):
     model = _randomized("resnet18")
-    slim, _ = prune_network(model, [32, 32], 5, "random", 0.4, coupling="reconstruct", seed=2)
+    slim, _ = prune_network(model, [32, 32], "random", 0.4, coupling="reconstruct", seed=2)
     path = save_model(tmp_path / "m.safetensors", slim, _meta("resnet18"))
     meta = read_metadata(path)
     name = next(iter(meta["layout"]["graph"]))
@@ -166,6 +166,6 @@ def test_reconstruction_refuses_a_batchnorm_after_the_add():
             return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
 
     with pytest.raises(NotImplementedError, match="follows an add"):
-        prune_network(PreAct().eval(), [8, 8], 3, "l1", 0.5, coupling="reconstruct")
-    slim, _ = prune_network(PreAct().eval(), [8, 8], 3, "l1", 0.5, coupling="shared")
+        prune_network(PreAct().eval(), [8, 8], "l1", 0.5, coupling="reconstruct", head=["fc"])
+    slim, _ = prune_network(PreAct().eval(), [8, 8], "l1", 0.5, coupling="shared", head=["fc"])
     assert slim.conv1.out_channels == 8

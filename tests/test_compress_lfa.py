@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from rsedge.compress.lfa import feature_attention, feature_model, lfa, search_threshold, target_masks
+from rsedge.compress.lfa import feature_attention, feature_model, lfa, search_threshold
+from rsedge.trainer.tasks.classification import grad_cam_masks as target_masks
 
 
 class GapNet(nn.Module):

@@ -73,7 +73,7 @@ def test_ratios_are_relative_to_the_original_widths_in_iterative_steps():
 def test_resnet_min_channels_max_ratio_and_exclusions():
     torch.manual_seed(0)
     m = create_model("resnet18", 5)
-    report = prune_model(m, [32, 32], 5, "l1", 0.9, round_to=8, min_channels=16, max_ratio=0.8, exclude=["layer4.*"])
+    report = prune_model(m, [32, 32], "l1", 0.9, round_to=8, min_channels=16, max_ratio=0.8, exclude=["layer4.*"])
     widths = {n: c.out_channels for n, c in m.named_modules() if isinstance(c, nn.Conv2d)}
     assert all(w % 8 == 0 for w in widths.values())
     assert all(w == 512 for n, w in widths.items() if n.startswith("layer4"))
@@ -85,13 +85,13 @@ def test_resnet_min_channels_max_ratio_and_exclusions():
     assert rows["layer1.0.conv1"]["achieved_ratio"] == pytest.approx(1 - 16 / 64)
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 5)
     with pytest.raises(ValueError, match="matches no layer"):
-        prune_model(create_model("resnet18", 5), [32, 32], 5, exclude=["nolayer*"])
+        prune_model(create_model("resnet18", 5), [32, 32], exclude=["nolayer*"])
 
 
 def test_record_warns_when_a_layer_ends_below_its_minimum():
     torch.manual_seed(0)
     m = create_model("efficientnet_b0", 5)
-    _, report = prune_network(m, [32, 32], 5, "l1", 0.5, min_channels=8)
+    _, report = prune_network(m, [32, 32], "l1", 0.5, min_channels=8)
     # squeeze-excitation layers of 4 or 6 channels cannot reach 8: kept as they are, and reported
     assert report["warnings"] and all("below --min-channels 8" in w for w in report["warnings"])
     assert any(w.startswith("features.2.0.block.2.fc1 keeps 4 ") for w in report["warnings"])
@@ -101,4 +101,4 @@ def test_record_warns_when_a_layer_ends_below_its_minimum():
 
 def test_threshold_is_refused_for_ranking_criteria():
     with pytest.raises(ValueError, match="absolute score"):
-        prune_network(create_model("resnet18", 5), [32, 32], 5, "l1", None, threshold=0.1)
+        prune_network(create_model("resnet18", 5), [32, 32], "l1", None, threshold=0.1)

@@ -121,8 +121,10 @@ def test_sparse_train_stage_records_phases_and_shrinks_gamma(tmp_path, synth_dat
 
     quiet = dict(progress=False, log=lambda m: None)
     cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.01, workers=0, seed=0, device="cpu")
-    rec = sparse_train_run(trained, synth_data, tmp_path / "l1rr", "l1rr", cfg, theta=0.05, phase_epochs=1, **quiet)
-    plain = sparse_train_run(trained, synth_data, tmp_path / "plain", "l1rr", cfg, theta=0.0, phase_epochs=1, **quiet)
+    rec = sparse_train_run(trained, synth_data, tmp_path / "l1rr", method="l1rr", cfg=cfg, theta=0.05,
+                           phase_epochs=1, **quiet)
+    plain = sparse_train_run(trained, synth_data, tmp_path / "plain", method="l1rr", cfg=cfg, theta=0.0,
+                             phase_epochs=1, **quiet)
     assert [p["phase"] for p in rec["phases"]] == [0, 1, 2]
     assert rec["phases"][0]["regularized"] is False and rec["phases"][1]["regularized"] is True
     assert set(rec["phases"][1]["layers"]["layer1.0.bn1"]) >= {"sparsity", "lambda", "s", "channels"}

@@ -1,34 +1,18 @@
 """rsedge-bench on a bundle runs the INT8 variant made for the backend it has."""
-import importlib.util
 import json
 import os
 
 import pytest
+import runtime_fakes as H
 
 from rsedge.runtime import cli
-from rsedge.runtime.bundle import Bundle, plan_engines, variants_for
-from rsedge.runtime.manifest import write_manifest
+from rsedge.runtime.bundles.bundle import Bundle, plan_engines, variants_for
+from rsedge.runtime.bundles.manifest import write_manifest
 
 pytest.importorskip("onnx", reason="the onnx package builds the test models (host-only dependency)")
 pytest.importorskip("onnxruntime", reason="rsedge-bench runs ONNX files with ONNX Runtime here")
 
-_spec = importlib.util.spec_from_file_location(
-    "rsedge_runtime_test_helpers", os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_runtime_helpers.py"))
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
-FAST = ["--warmup", "0", "--iterations", "3", "--duration", "0", "--no-power"]
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    """Behave as on a machine without TensorRT, even if one is installed."""
-    from rsedge.runtime import backends_trt
-    from rsedge.runtime.errors import BackendUnavailable
-
-    def unavailable():
-        raise BackendUnavailable("TensorRT's Python package is not importable here (test)")
-
-    monkeypatch.setattr(backends_trt, "import_tensorrt", unavailable)
+from runtime_fakes import FAST
 
 
 def make_targeted_bundle(directory):

@@ -54,7 +54,7 @@ def test_prune_removes_the_weakest_channels_physically(method):
     with torch.no_grad():
         m.conv1.weight.mul_(torch.arange(1, 17, dtype=torch.float32).view(16, 1, 1, 1) * 10)
     w_before = m.conv1.weight.detach().clone()
-    report = prune_model(m, [8, 8], 4, method=method, ratio=0.5, round_to=8)
+    report = prune_model(m, [8, 8], method=method, ratio=0.5, round_to=8, head=["fc"])
     assert m.conv1.out_channels == 8 and m.bn1.num_features == 8 and m.conv2.in_channels == 8
     assert m.conv2.out_channels == 8 and m.fc.out_features == 4
     kept = {i for i in range(16) if any(torch.equal(w_before[i], k) for k in m.conv1.weight)}
@@ -66,7 +66,7 @@ def test_round_to_keeps_multiples_of_eight():
     from rsedge.trainer.models import create_model
 
     m = create_model("resnet18", 5)
-    prune_model(m, [32, 32], 5, method="l1", ratio=0.3, round_to=8)
+    prune_model(m, [32, 32], method="l1", ratio=0.3, round_to=8)
     widths = [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]
     assert all(w % 8 == 0 for w in widths), widths
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 5)
@@ -83,6 +83,6 @@ def test_prune_model_stays_in_place_and_refuses_reconstruction():
 
     m = create_model("resnet18", 5)
     with pytest.raises(ValueError, match="prune_network"):
-        prune_model(m, [32, 32], 5, "l1", 0.5, coupling="reconstruct")
-    report = prune_model(m, [32, 32], 5, "l1", 0.5)
+        prune_model(m, [32, 32], "l1", 0.5, coupling="reconstruct")
+    report = prune_model(m, [32, 32], "l1", 0.5)
     assert report["after"]["params"] == count_params(m)

@@ -1,6 +1,5 @@
 """rsedge-bench end to end on CPU: single models, several models, bundles, and clear errors."""
 
-import importlib.util
 import io
 import json
 import os
@@ -8,36 +7,16 @@ import tarfile
 
 import numpy as np
 import pytest
+import runtime_fakes as H
 
 from rsedge.runtime import cli
-from rsedge.runtime.bundle import Bundle, engine_name, ensure_engines, plan_engines
+from rsedge.runtime.bundles.bundle import Bundle, engine_name, ensure_engines, plan_engines
 
 pytest.importorskip("onnx", reason="the onnx package builds the test models (host-only dependency)")
 pytest.importorskip("onnxruntime", reason="rsedge-bench runs ONNX files with ONNX Runtime here")
 
 
-def load_helpers():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_runtime_helpers.py")
-    spec = importlib.util.spec_from_file_location("rsedge_runtime_test_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-H = load_helpers()
-FAST = ["--warmup", "0", "--iterations", "3", "--duration", "0", "--no-power"]
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    """Behave as on a machine without TensorRT, even if one is installed."""
-    from rsedge.runtime import backends_trt
-    from rsedge.runtime.errors import BackendUnavailable
-
-    def unavailable():
-        raise BackendUnavailable("TensorRT's Python package is not importable here (test)")
-
-    monkeypatch.setattr(backends_trt, "import_tensorrt", unavailable)
+from runtime_fakes import FAST
 
 
 def test_help_explains_options_with_defaults(capsys):
@@ -163,7 +142,7 @@ def test_ensure_engines_rebuilds_for_another_tensorrt(tmp_path):
     built = []
 
     def fake_build(onnx, engine, **kw):
-        from rsedge.runtime import sidecar
+        from rsedge.runtime.build import sidecar
 
         built.append((os.path.basename(onnx), kw["precision"], kw["int8_from"]))
         os.makedirs(os.path.dirname(engine), exist_ok=True)
@@ -328,7 +307,7 @@ def test_archive_without_a_manifest_is_not_a_bundle(tmp_path, capsys):
 
 
 def test_read_only_folder_extracts_to_a_temporary_folder_removed_after(tmp_path, capsys, no_tensorrt, monkeypatch):
-    from rsedge.runtime import archive as archive_mod
+    from rsedge.runtime.bundles import archive as archive_mod
 
     H.make_bundle(str(tmp_path / "src"))
     _tar(tmp_path / "bundle.tar.gz", tmp_path / "src", "bundle")

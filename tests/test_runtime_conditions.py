@@ -1,6 +1,6 @@
 import os
 
-from rsedge.runtime import conditions
+from rsedge.runtime.jetson import conditions
 
 JP4 = ("# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t186ref, EABI: aarch64, "
        "DATE: Sat Feb 19 17:05:08 UTC 2022")

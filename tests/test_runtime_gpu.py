@@ -4,12 +4,12 @@ Everything here also runs against a fake in test_runtime_trt.py; these tests che
 libraries agree with what the fake assumes.
 """
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+import runtime_fakes as H
 
 pytestmark = pytest.mark.gpu
 
@@ -20,7 +20,7 @@ def _gpu_reason():
     except ImportError:
         return "TensorRT's Python package is not installed"
     try:
-        from rsedge.runtime.cuda_api import load_cuda_api
+        from rsedge.runtime.backends.cuda_api import load_cuda_api
 
         api = load_cuda_api()
         api.close()
@@ -33,20 +33,11 @@ REASON = _gpu_reason()
 needs_gpu = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
-def load_helpers():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_runtime_helpers.py")
-    spec = importlib.util.spec_from_file_location("rsedge_runtime_test_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     pytest.importorskip("onnx", reason="the onnx package builds the test model")
-    from rsedge.runtime.trt_build import build_engine
+    from rsedge.runtime.build.trt_build import build_engine
 
-    H = load_helpers()
     d = tmp_path_factory.mktemp("gpu")
     onnx_path = H.make_classifier_onnx(str(d / "model.onnx"))
     engine = str(d / "engines" / "model-fp16-b8.engine")
@@ -57,7 +48,7 @@ def built(tmp_path_factory):
 @needs_gpu
 def test_build_load_infer_matches_onnxruntime(built):
     pytest.importorskip("onnxruntime", reason="compares against ONNX Runtime on CPU")
-    from rsedge.runtime.backends_trt import TrtRunner
+    from rsedge.runtime.backends.trt import TrtRunner
 
     H, onnx_path, engine, doc = built
     assert doc["precision"] == "fp16" and doc["profile"]["input"]["max"] == [8, 3, 16, 16]
@@ -71,7 +62,7 @@ def test_build_load_infer_matches_onnxruntime(built):
 
 @needs_gpu
 def test_benchmark_with_cuda_events_graph_and_spin_wait(built):
-    from rsedge.runtime import benchmark
+    from rsedge.runtime.bench import benchmark
 
     _, _, engine, _ = built
     doc = benchmark.run_benchmark(engine, batch_sizes=(1, 8), warmup_s=0.05, iterations=20, duration_s=0.1,
@@ -88,8 +79,8 @@ def test_benchmark_with_cuda_events_graph_and_spin_wait(built):
 def test_engine_from_another_tensorrt_is_refused(built, tmp_path):
     import shutil
 
-    from rsedge.runtime import sidecar
-    from rsedge.runtime.backends_trt import TrtRunner
+    from rsedge.runtime.backends.trt import TrtRunner
+    from rsedge.runtime.build import sidecar
     from rsedge.runtime.errors import RebuildOnDevice
 
     _, _, engine, _ = built
@@ -112,10 +103,9 @@ def test_engine_from_another_tensorrt_is_refused(built, tmp_path):
 @needs_gpu
 def test_int8_from_qdq_where_the_gpu_has_fast_int8(tmp_path):
     pytest.importorskip("onnx", reason="the onnx package builds the test model")
+    from rsedge.runtime.build.trt_build import build_engine, probe_device
     from rsedge.runtime.errors import RuntimeToolError
-    from rsedge.runtime.trt_build import build_engine, probe_device
 
-    H = load_helpers()
     onnx_path = H.make_classifier_onnx(str(tmp_path / "qdq.onnx"), qdq=True)
     caps = probe_device()
     if not caps["fast_int8"]:

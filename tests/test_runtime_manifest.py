@@ -3,8 +3,8 @@ import os
 
 import pytest
 
+from rsedge.runtime.bundles.manifest import FORMAT, sha256_file, verify_manifest, write_manifest
 from rsedge.runtime.errors import ManifestError
-from rsedge.runtime.manifest import FORMAT, sha256_file, verify_manifest, write_manifest
 
 EXTRA = {"variants": [{"name": "fp32", "onnx": "model_fp32.onnx", "precision": "fp32"}],
          "preprocess": "preprocess.json", "eval": {"images": "eval/images.npy", "labels": "eval/labels.npy"}}

@@ -1,24 +1,12 @@
-import importlib.util
-import os
 
 import pytest
+import runtime_fakes as H
 
-from rsedge.runtime import onnx_meta
+from rsedge.runtime.build import onnx_meta
 from rsedge.runtime.errors import RuntimeToolError
 from rsedge.runtime.preprocess import onnx_metadata
 
 pytest.importorskip("onnx", reason="the onnx package builds the test models (host-only dependency)")
-
-
-def load_helpers():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_runtime_helpers.py")
-    spec = importlib.util.spec_from_file_location("rsedge_runtime_test_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-H = load_helpers()
 
 
 def test_reads_metadata_io_and_nodes_without_onnx(tmp_path):

@@ -1,29 +1,20 @@
 """ONNX Runtime backend end to end on CPU, benchmark schema, and evaluation."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
+import runtime_fakes as H
 
-from rsedge.runtime import backends, benchmark, evaluate, report
-from rsedge.runtime.backends_ort import choose_providers
+from rsedge.runtime import backends, evaluate
+from rsedge.runtime.backends.ort import choose_providers
+from rsedge.runtime.bench import benchmark, report
 from rsedge.runtime.errors import RuntimeToolError
 
 pytest.importorskip("onnx", reason="the onnx package builds the test models (host-only dependency)")
 pytest.importorskip("onnxruntime", reason="ONNX Runtime backend tests")
 
 
-def load_helpers():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_runtime_helpers.py")
-    spec = importlib.util.spec_from_file_location("rsedge_runtime_test_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-H = load_helpers()
 FAST = {"warmup_s": 0.0, "iterations": 5, "duration_s": 0.0, "power": False}
 
 
@@ -151,7 +142,7 @@ def test_evaluate_folder_with_a_corrupt_image(tmp_path, model):
 
 def test_torch_runner_is_benchmarked_by_the_same_harness():
     torch = pytest.importorskip("torch", reason="the PyTorch reference runner is host-only")
-    from rsedge.runtime.backends_torch import TorchRunner
+    from rsedge.runtime.backends.pytorch import TorchRunner
 
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                  torch.nn.Linear(4, 3))

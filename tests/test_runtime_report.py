@@ -2,7 +2,7 @@ import csv
 import io
 import json
 
-from rsedge.runtime import report
+from rsedge.runtime.bench import report
 
 
 def run(label, medians, power=None, accuracy=None, model="m.onnx"):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from rsedge.runtime import benchmark, stats
+from rsedge.runtime.bench import benchmark, stats
 
 
 def test_percentile_matches_trtexec_nearest_rank():

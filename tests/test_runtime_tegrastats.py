@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rsedge.runtime import power, tegrastats
+from rsedge.runtime.jetson import power, tegrastats
 
 # JetPack 4 (L4T r32), Jetson TX2: rails cur/avg in mW without a unit.
 TX2 = ("RAM 2344/7852MB (lfb 1154x4MB) SWAP 0/3926MB (cached 0MB) CPU [1%@345,off,off,1%@345,0%@345,2%@345] "

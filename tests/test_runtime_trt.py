@@ -5,27 +5,19 @@ paths (both APIs, sidecar checks, buffers, batching, CUDA-event timing, calibrat
 run everywhere.
 """
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+import runtime_fakes as H
 
-from rsedge.runtime import benchmark, evaluate, sidecar, trt_build
-from rsedge.runtime.backends_trt import TrtRunner
+from rsedge.runtime import evaluate
+from rsedge.runtime.backends.trt import TrtRunner
+from rsedge.runtime.bench import benchmark
+from rsedge.runtime.build import sidecar, trt_build
 from rsedge.runtime.errors import RebuildOnDevice, RuntimeToolError
 
-
-def load_helpers():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_runtime_helpers.py")
-    spec = importlib.util.spec_from_file_location("rsedge_runtime_test_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-H = load_helpers()
 VERSIONS = ["8.2.1.8", "8.6.2.3", "10.3.0.30"]
 
 
@@ -62,6 +54,18 @@ def test_runner_infers_on_both_apis(tmp_path, monkeypatch, version):
         runner.prepare(16)
     runner.close()
     assert cuda.closed and cuda.mem == {}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_runner_names_its_outputs_on_both_apis(tmp_path, monkeypatch, version):
+    cuda = H.FakeCuda()
+    H.install_fake_tensorrt(monkeypatch, H.make_fake_trt(version), cuda)
+    runner = TrtRunner(write_engine(tmp_path, version, cuda.device_info())).load()
+    for n in (3, 19):  # one enqueue, and chunks of the profile's max batch joined
+        x = np.random.RandomState(n).standard_normal((n, 3, 16, 16)).astype(np.float32)
+        out = runner.infer(x)
+        assert out.names == ["logits"] and out["logits"] is out[0] and out["logits"].shape == (n, 3)
+    runner.close()
 
 
 @pytest.mark.parametrize("version", ["8.2.1.8", "10.3.0"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rsedge.runtime import trt_compat
+from rsedge.runtime.build import trt_compat
 from rsedge.runtime.errors import RuntimeToolError
 
 
@@ -194,7 +194,7 @@ def test_graph_is_fp16():
 
 def test_bundle_plan_on_tensorrt_11_skips_fp16_of_an_fp32_graph(tmp_path, runtime_helpers):
     pytest.importorskip("onnx", reason="the onnx package builds the test bundle")
-    from rsedge.runtime.bundle import Bundle, plan_engines
+    from rsedge.runtime.bundles.bundle import Bundle, plan_engines
 
     runtime_helpers.make_bundle(str(tmp_path / "b"))
     bundle = Bundle.open(str(tmp_path / "b"))

@@ -11,16 +11,17 @@ from typing import Any
 
 from .records import atomic_write_bytes
 
-COLUMNS = ("epoch", "train_loss", "train_acc", "val_top1", "lr", "seconds")
+METRICS = ("train_acc", "val_top1")  # classification's; a task names its own (`Task.metric_key`)
 CSV_NAME, PNG_NAME = "results.csv", "results.png"
 
 
-def results_csv(history: Sequence[dict[str, Any]]) -> str:
+def results_csv(history: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS) -> str:
+    columns = ("epoch", "train_loss", *metrics, "lr", "seconds")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
+    w.writerow(columns)
     for entry in history:
-        w.writerow(["" if entry.get(c) is None else _fmt(entry[c]) for c in COLUMNS])
+        w.writerow(["" if entry.get(c) is None else _fmt(entry[c]) for c in columns])
     return buf.getvalue()
 
 
@@ -28,7 +29,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def results_png(history: Sequence[dict[str, Any]], title: str = "") -> bytes:
+def results_png(history: Sequence[dict[str, Any]], title: str = "", metrics: Sequence[str] = METRICS) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,11 +39,14 @@ def results_png(history: Sequence[dict[str, Any]], title: str = "") -> bytes:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     axes[0].plot(epochs, [e["train_loss"] for e in history], marker="o", label="train loss")
     axes[0].set_title("loss")
-    axes[1].plot(epochs, [e["train_acc"] for e in history], marker="o", label="train accuracy")
-    val = [(e["epoch"], e["val_top1"]) for e in history if e.get("val_top1") is not None]
+    train_key, val_key = metrics
+    labels = ("train accuracy", "val top-1", "accuracy") if tuple(metrics) == METRICS else (
+        train_key, val_key, val_key.split("_", 1)[-1])
+    axes[1].plot(epochs, [e[train_key] for e in history], marker="o", label=labels[0])
+    val = [(e["epoch"], e[val_key]) for e in history if e.get(val_key) is not None]
     if val:
-        axes[1].plot(*zip(*val), marker="o", label="val top-1")
-    axes[1].set_title("accuracy")
+        axes[1].plot(*zip(*val), marker="o", label=labels[1])
+    axes[1].set_title(labels[2])
     axes[2].plot(epochs, [e["lr"] for e in history], marker="o", label="lr (epoch start)")
     axes[2].set_title("learning rate")
     for ax in axes:
@@ -58,11 +62,13 @@ def results_png(history: Sequence[dict[str, Any]], title: str = "") -> bytes:
     return buf.getvalue()
 
 
-def write_curves(run_dir: str | os.PathLike, history: Sequence[dict[str, Any]], title: str = "") -> None:
+def write_curves(run_dir: str | os.PathLike, history: Sequence[dict[str, Any]], title: str = "",
+                 metrics: Sequence[str] = METRICS) -> None:
+    """`metrics`: the history keys of the training and the validation metric."""
     run_dir = Path(run_dir)
-    atomic_write_bytes(run_dir / CSV_NAME, results_csv(history).encode())
+    atomic_write_bytes(run_dir / CSV_NAME, results_csv(history, metrics).encode())
     if history:
-        atomic_write_bytes(run_dir / PNG_NAME, results_png(history, title))
+        atomic_write_bytes(run_dir / PNG_NAME, results_png(history, title, metrics))
 
 
 def curve_title(meta: dict[str, Any]) -> str:

@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from rsedge.runtime.imagefolder import IMAGE_EXTENSIONS, is_image_name, scan_class_folders
+
 from .records import atomic_write_json, read_json
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 SPLIT_FORMAT = "rsedge-split/1"
 
 
@@ -85,7 +86,7 @@ def check_classification_layout(root: Path) -> None:
     ("masks" and "images" as two classes) or a confusing error; say what the folder is. A folder
     of loose images (`positive image set/`) is judged by its parent."""
     places = [root]
-    if any(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS for f in root.iterdir()):
+    if any(f.is_file() and is_image_name(f.name) for f in root.iterdir()):
         places.append(root.parent)
     for where in places:
         found = _layout_of(where)
@@ -98,25 +99,21 @@ def check_classification_layout(root: Path) -> None:
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes are the sub-folders of `root`, sorted; samples are (path relative to root, label)."""
+    """Classes are the sub-folders of `root`, sorted; samples are (path relative to root, label).
+    The runtime's `scan_class_folders` lists them, so `rsedge-bench --eval` sees the same files
+    (images at any depth, hidden names skipped, extensions in any case)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
     check_classification_layout(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    scanned = scan_class_folders(str(root))
+    classes = [name for name, _ in scanned]
     if not classes:
-        loose = sum(1 for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        loose = sum(1 for f in root.iterdir() if f.is_file() and is_image_name(f.name))
         held = f" holds {loose} images but" if loose else ""
         raise DatasetError(f"{root}{held} has no class sub-folders (expected ROOT/<class>/<image>)")
-    samples: list[tuple[str, int]] = []
-    empty = []
-    for label, name in enumerate(classes):
-        files = sorted(
-            f for f in (root / name).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if not files:
-            empty.append(name)
-        samples.extend((f.relative_to(root).as_posix(), label) for f in files)
+    samples = [(rel, label) for label, (_, files) in enumerate(scanned) for rel in files]
+    empty = [name for name, files in scanned if not files]
     if empty:
         raise DatasetError(f"class folder(s) with no images in {root}: {', '.join(empty)}")
     if len(classes) == 1 and not any(f.is_file() for f in (root / classes[0]).iterdir()):
@@ -125,12 +122,22 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
     return classes, samples
 
 
-def _decode_error(path: Path) -> str | None:
+def open_rgb(path: Path):
+    """A decoded PIL RGB image of any file the folder scan lists; .npy arrays (which a numpy-only
+    device also reads) go through the runtime's reader."""
     from PIL import Image
 
+    if Path(path).suffix.lower() == ".npy":
+        from rsedge.runtime.preprocess import load_image
+
+        return Image.fromarray(load_image(str(path)))
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _decode_error(path: Path) -> str | None:
     try:
-        with Image.open(path) as im:
-            im.convert("RGB").load()
+        open_rgb(path).load()
         return None
     except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
         return f"{type(e).__name__}: {e}"
@@ -301,13 +308,11 @@ class ImageListDataset:
         return [label for _, label in self.items]
 
     def __getitem__(self, index: int):
-        from PIL import Image
 
         rel, label = self.items[index]
         path = self.root / rel
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
+            img = open_rgb(path)
         except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
             raise UnreadableImage(str(path), f"{type(e).__name__}: {e}") from e
         if self.transform is not None:
@@ -346,10 +351,11 @@ class SkipUnreadable:
             return Unreadable(e.path, e.error)
 
 
-def collate_readable(batch: Sequence[Any]):
-    """Collate the readable samples of a batch; returns (collated batch or None, skipped paths)."""
+def collate_readable(batch: Sequence[Any], collate: Callable[[list[Any]], Any] | None = None):
+    """Collate the readable samples of a batch with `collate` (the task's; default: torch's
+    default_collate); returns (collated batch or None, skipped paths)."""
     from torch.utils.data import default_collate
 
     good = [b for b in batch if not isinstance(b, Unreadable)]
     skipped = [f"{b.path}: {b.error}" for b in batch if isinstance(b, Unreadable)]
-    return (default_collate(good) if good else None), skipped
+    return ((collate or default_collate)(good) if good else None), skipped

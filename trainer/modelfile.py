@@ -1,10 +1,12 @@
 """Pickle-free model files: safetensors weights with the JSON metadata in the same file.
 
-The metadata (architecture and its arguments, the pruned channel layout, classes, input size,
-normalization, metrics, history of stages) lives in the safetensors header under the key
-`rsedge`, so one file is written atomically and any safetensors reader can open it. Loading
-rebuilds the architecture from the registry, reshapes the layers the layout names, and loads the
-tensors: no code from the file is ever executed.
+The metadata (architecture, its task and constructor arguments `model_args`, the pruned channel
+layout, classes, input size, normalization, metrics, history of stages) lives in the safetensors
+header under the key `rsedge`, so one file is written atomically and any safetensors reader can
+open it. Loading rebuilds the architecture from the registry with the stored arguments, reshapes
+the layers the layout names, and loads the tensors: no code from the file is ever executed.
+Files written before `task` and `model_args` were stored load as the spec's task with its
+default arguments, which is what they were built with.
 
 Residual reconstruction (L1RR) changes the graph, not only layer widths: an add whose two inputs
 keep different channels becomes an `IndexedAdd`. The layout names such modules (a fixed whitelist,
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import create_model
+from .models import SPEC_ATTR, create_model, get_spec
 from .records import atomic_write_bytes
 
 FORMAT = "rsedge-model/1"
@@ -240,7 +242,10 @@ def trace(model: nn.Module):
             return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
 
     graph = _Tracer().trace(model)
-    return fx.GraphModule(model, graph, type(model).__name__)
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    if hasattr(model, SPEC_ATTR):  # the declared head travels with the traced copy
+        setattr(gm, SPEC_ATTR, getattr(model, SPEC_ATTR))
+    return gm
 
 
 def apply_graph(model: nn.Module, graph: dict[str, Any]) -> nn.Module:
@@ -306,11 +311,31 @@ def apply_layout(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
 EXTRA_PREFIX = "__"
 
 
-def _fresh(arch: str, num_classes: int) -> nn.Module:
-    """A new instance whose random initialization leaves the global RNG untouched: saving a
-    checkpoint or loading a model must not change what training does next."""
+def model_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """`task` and `model_args` of a model's metadata, with the defaults of its spec for a file
+    written before they were stored; a task other than the architecture's is refused."""
+    spec = get_spec(meta["arch"])
+    task = meta.get("task", spec.task)
+    if task != spec.task:
+        raise ValueError(f"the file says task {task!r}, but {spec.name} is a {spec.task} model")
+    args = meta.get("model_args") or {}
+    if not isinstance(args, dict):
+        raise ValueError(f"model_args must be a JSON object, not {type(args).__name__}")
+    plain = (int, float, str, bool, type(None))
+    odd = [k for k, v in args.items() if not isinstance(v, plain) and not (
+        isinstance(v, list) and all(isinstance(i, plain) for i in v))]
+    if odd:  # constructor arguments are numbers, strings and flags, never objects to build
+        raise ValueError(f"model_args {', '.join(odd)} must be numbers, strings, flags or lists of them")
+    return {"task": task, "model_args": args}
+
+
+def _fresh(meta: dict[str, Any]) -> nn.Module:
+    """A new instance of the file's architecture, with its arguments, whose random
+    initialization leaves the global RNG untouched: saving a checkpoint or loading a model must
+    not change what training does next."""
+    args = model_identity(meta)["model_args"]
     with torch.random.fork_rng(devices=[]):
-        return create_model(arch, num_classes)
+        return create_model(meta["arch"], len(meta["classes"]), **args)
 
 
 def save_model(
@@ -319,8 +344,9 @@ def save_model(
     meta: dict[str, Any],
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """`meta` needs `arch`, `classes`, `input_size`, `normalization`; the layout is computed here
-    against a fresh instance of the architecture. `extra_tensors` (a training checkpoint's
+    """`meta` needs `arch`, `classes`, `input_size`, `normalization`; `task` and `model_args`
+    default to the spec's; the layout is computed here against a fresh instance of the
+    architecture built with `model_args`. `extra_tensors` (a training checkpoint's
     optimizer state, RNG state) are stored under names starting with `__` and ignored by
     `load_model`."""
     from safetensors.torch import save
@@ -328,8 +354,9 @@ def save_model(
     for key in ("arch", "classes", "input_size", "normalization"):
         if key not in meta:
             raise ValueError(f"model metadata needs {key!r}")
-    reference = _fresh(meta["arch"], len(meta["classes"]))
-    full = {"format": FORMAT, **meta, "layout": channel_layout(model, reference)}
+    full = {"format": FORMAT, **meta, **model_identity(meta)}
+    reference = _fresh(full)
+    full["layout"] = channel_layout(model, reference)
     full["params"] = int(sum(p.numel() for p in model.parameters()))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for k, v in (extra_tensors or {}).items():
@@ -371,8 +398,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     path = _model_path(path)
     meta = read_metadata(path)
     try:
-        model = _fresh(meta["arch"], len(meta["classes"]))
+        model = _fresh(meta)
         model = apply_layout(model, meta.get("layout", {}))
+        setattr(model, SPEC_ATTR, meta["arch"])
     except (KeyError, ValueError, AttributeError, TypeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise ModelFileError(f"{path}: cannot rebuild its model: {msg}") from e
@@ -407,7 +435,7 @@ def load_extra_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def derive_meta(parent: dict[str, Any], stage: str, **updates: Any) -> dict[str, Any]:
     """Metadata for a model made from another: same data contract, one more history entry."""
-    keep = ("arch", "classes", "input_size", "normalization", "split", "data_root")
+    keep = ("arch", "task", "model_args", "classes", "input_size", "normalization", "split", "data_root")
     meta = {k: parent[k] for k in keep if k in parent}
     meta["history"] = list(parent.get("history", [])) + [{"stage": stage, **updates.pop("history_entry", {})}]
     meta.update(updates)

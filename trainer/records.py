@@ -1,11 +1,12 @@
-"""Run directories and their machine-readable records.
+"""Machine-readable records.
 
-Every stage writes `record.json` in its output folder; later stages read it. Writes are atomic
-(the runtime's temporary file + rename) so an interrupted run never leaves a half-written record.
+Every stage writes `record.json` in its output folder (`trainer.stage` makes the folder); later
+stages read it. Writes are atomic (the runtime's temporary file + rename) so an interrupted run
+never leaves a half-written record, and dates are the runtime's (`fileio.utc_now`), so a record
+of the host and a report of the device read the same way.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rsedge.runtime.fileio import atomic_write_bytes
+from rsedge.runtime.fileio import atomic_write_bytes, utc_now
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -35,8 +36,7 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+now_iso = utc_now  # the name the benchmark scripts import: one format, e.g. 2025-01-31T12:00:00Z
 
 
 def versions() -> dict[str, str]:
@@ -64,20 +64,3 @@ def write_record(run_dir: str | os.PathLike, stage: str, record: dict[str, Any])
     atomic_write_json(path, full)
     return path
 
-
-RUN_MARKERS = ("record.json", "model.safetensors", "checkpoint.safetensors")
-
-
-def prepare_run_dir(out: str | os.PathLike, *, resume: bool = False, exist_ok: bool = False) -> Path:
-    """Create the run directory, refusing one that already holds a run: a silent overwrite loses a
-    model the user may have paid hours for. `resume` continues it, `exist_ok` overwrites it."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and not (resume or exist_ok):
-        found = [m for m in RUN_MARKERS if (out / m).exists()]
-        if found:
-            raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
-                                  f"--exist-ok to overwrite it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out

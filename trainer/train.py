@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from .curves import curve_title, write_curves
-from .metrics import confusion_matrix, summarize
 from .modelfile import load_extra_tensors, load_model, read_metadata, save_model
+from .tasks import Evaluator, Task, task_for
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, Any, Any], torch.Tensor]
 
 
 @dataclass
@@ -137,7 +137,12 @@ class SkippingLoader:
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, epoch: int, workers: int, drop_last: bool = False,
-                min_batch: int = 1, report: Callable[[list[str]], None] | None = warn_skipped) -> SkippingLoader:
+                min_batch: int = 1, report: Callable[[list[str]], None] | None = warn_skipped,
+                collate: Callable[[list[Any]], Any] | None = None) -> SkippingLoader:
+    """`collate`: the task's batching (None: torch's default_collate), applied to the readable
+    samples of each batch."""
+    from functools import partial
+
     from .datasets import SkipUnreadable, collate_readable
 
     g = torch.Generator()
@@ -151,33 +156,46 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, epoch: int, 
         drop_last=drop_last and len(dataset) > batch_size,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
-        collate_fn=collate_readable,
+        collate_fn=partial(collate_readable, collate=collate) if collate is not None else collate_readable,
     )
     return SkippingLoader(loader, min_batch, report)
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A tensor, or the tensors of a (nested) tuple, list or dict, moved to `device`."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _count(targets: Any) -> int:
+    """Samples in a batch of targets (a tensor's first axis, or a sequence of per-image targets)."""
+    return int(targets.shape[0]) if torch.is_tensor(targets) else len(targets)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, classes: Sequence[str], device: torch.device | str = "cpu",
+def evaluate(model: nn.Module, dataset, evaluator: Evaluator, device: torch.device | str = "cpu",
              batch_size: int = 128, workers: int = 1, progress: bool = False,
-             log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Top-1, per-class accuracy and confusion matrix; images that became unreadable are
-    skipped, counted in `skipped_images` and warned about through `log` (None: silent)."""
+             log: Callable[[str], None] | None = print, collate: Callable | None = None) -> dict[str, Any]:
+    """The task's metrics of `model` on `dataset`, from `evaluator` (`task.evaluator(meta)`:
+    top-1, per-class accuracy and confusion matrix for classification); images that became
+    unreadable are skipped, counted in `skipped_images` and warned about through `log` (None:
+    silent)."""
     device = torch.device(device)
     model.eval().to(device)
-    loader = make_loader(dataset, batch_size, False, 0, 0, workers, report=None)
-    preds, targets = [], []
+    loader = make_loader(dataset, batch_size, False, 0, 0, workers, report=None, collate=collate)
     it = loader
     if progress:
         from tqdm import tqdm
 
         it = tqdm(loader, desc="evaluating", unit="batch", leave=False)
     for x, y in it:
-        out = model(x.to(device, non_blocking=True))
-        preds.append(out.argmax(1).cpu())
-        targets.append(y)
-    p = torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
-    t = torch.cat(targets).numpy() if targets else np.zeros(0, np.int64)
-    result = summarize(confusion_matrix(t, p, len(classes)), classes)
+        evaluator.update(model(to_device(x, device)), y)
+    result = evaluator.result()
     result["skipped_images"] = len(loader.skipped)
     if loader.skipped:
         result["skipped"] = loader.skipped
@@ -209,6 +227,40 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
+@dataclass
+class _Run:
+    """What one `fit` call works with, shared by its epochs."""
+
+    cfg: TrainConfig
+    task: Task
+    meta: dict[str, Any]
+    device: torch.device
+    opt: torch.optim.Optimizer
+    scaler: Any
+    use_amp: bool
+    loss_fn: LossFn
+    log: Callable[[str], None]
+    progress: bool
+    before_step: Callable[[nn.Module], None] | None
+
+
+def _resume(model: nn.Module, run_dir: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], None]
+            ) -> tuple[nn.Module, int, list[dict[str, Any]], dict[str, Any]]:
+    """(model, first epoch to run, history, checkpoint info) of the run in `run_dir`."""
+    ckpt = run_dir / "checkpoint.safetensors"
+    if resume and ckpt.is_file():
+        info = read_metadata(ckpt).get("checkpoint", {})
+        if info.get("config") and info["config"] != json.loads(json.dumps(asdict(cfg))):
+            log("warning: resuming with a configuration that differs from the checkpoint's")
+        model, _ = load_model(ckpt)
+        start_epoch = int(info["epoch"]) + 1
+        log(f"resuming from {ckpt} at epoch {start_epoch + 1}/{cfg.epochs}")
+        return model, start_epoch, list(info.get("history", [])), info
+    if resume:
+        log(f"no checkpoint in {run_dir}; starting from the beginning")
+    return model, 0, [], {}
+
+
 def fit(
     model: nn.Module,
     train_ds,
@@ -222,124 +274,153 @@ def fit(
     log: Callable[[str], None] = print,
     on_epoch_start: Callable[[nn.Module, int], None] | None = None,
     before_step: Callable[[nn.Module], None] | None = None,
+    task: Task | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Train `model` for cfg.epochs; returns the final model and the per-epoch history.
 
     `meta` is the model metadata the checkpoint carries (so a pruned layout can be resumed);
-    `loss_fn(logits, targets, images)` replaces cross-entropy (AML, distillation...).
-    Sparse training hooks in without a loop of its own: `on_epoch_start(model, epoch)` runs
-    before each epoch (also the first one after a resume) and `before_step(model)` between the
-    backward pass and the optimizer step, on unscaled gradients."""
+    `task` (default: the task of `meta`) gives the loss, the evaluator of the running training
+    metric and of validation, and the batching; `loss_fn(outputs, targets, images)` replaces the
+    task's loss (AML, distillation...). Sparse training hooks in without a loop of its own:
+    `on_epoch_start(model, epoch)` runs before each epoch (also the first one after a resume)
+    and `before_step(model)` between the backward pass and the optimizer step, on unscaled
+    gradients."""
     cfg = cfg.resolved()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = run_dir / "checkpoint.safetensors"
+    task = task or task_for(meta)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if resume and ckpt.is_file():
-        info = read_metadata(ckpt).get("checkpoint", {})
-        if info.get("config") and info["config"] != json.loads(json.dumps(asdict(cfg))):
-            log("warning: resuming with a configuration that differs from the checkpoint's")
-        model, _ = load_model(ckpt)
-        start_epoch = int(info["epoch"]) + 1
-        history = list(info.get("history", []))
-        log(f"resuming from {ckpt} at epoch {start_epoch + 1}/{cfg.epochs}")
-    elif resume:
-        log(f"no checkpoint in {run_dir}; starting from the beginning")
+    model, start_epoch, history, info = _resume(model, run_dir, cfg, resume, log)
     model.to(device)
     opt = make_optimizer(model, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     if start_epoch:
-        extra = load_extra_tensors(ckpt)
+        extra = load_extra_tensors(run_dir / "checkpoint.safetensors")
         _restore_optimizer(opt, extra, info["optimizer"])
         torch.set_rng_state(extra["rng.torch"])
         if use_amp and "scaler" in info:
             scaler.load_state_dict(info["scaler"])
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    loss_fn = loss_fn or (lambda logits, y, x: criterion(logits, y))
-    classes = meta["classes"]
-    if history and history[-1].get("val_top1") is None and val_ds is not None and len(val_ds) > 0:
+    run = _Run(cfg, task, meta, device, opt, scaler, use_amp, loss_fn or task.training_loss(cfg), log, progress,
+               before_step)
+    val_key = task.metric_key("val")
+    if history and history[-1].get(val_key) is None and val_ds is not None and len(val_ds) > 0:
         log(f"validating epoch {history[-1]['epoch']}, which the interrupted run checkpointed but did not validate")
-        _validate_epoch(model, val_ds, history[-1], [], classes, device, cfg, log)
+        _validate_epoch(model, val_ds, history[-1], [], run)
 
     for epoch in range(start_epoch, cfg.epochs):
         if on_epoch_start is not None:
             on_epoch_start(model, epoch)
-        model.train()
-        loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, epoch, cfg.workers, drop_last=True,
-                             min_batch=2, report=None)
-        n_batches = max(len(loader), 1)
         t0 = time.perf_counter()
-        seen, loss_sum, correct = 0, 0.0, 0
-        it = loader
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-        for i, (x, y) in enumerate(it):
-            lr = lr_at(cfg, epoch, i / n_batches)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
-                loss = loss_fn(logits.float(), y, x)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if before_step is not None:
-                if use_amp:
-                    scaler.unscale_(opt)
-                before_step(model)
-            scaler.step(opt)
-            scaler.update()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
-            seen += y.numel()
-            loss_sum += loss.item() * y.numel()
-            correct += int((logits.argmax(1) == y).sum())
-            if progress:
-                it.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.2g}")
-        entry = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "val_top1": None,
-            "lr": lr_at(cfg, epoch),
-            "seconds": round(time.perf_counter() - t0, 2),
-            "skipped_images": len(loader.skipped),
-        }
+        entry, skipped = _train_epoch(model, train_ds, epoch, run)
         history.append(entry)
         # the finished epoch is on disk before anything that can still fail (validation included)
-        tensors, opt_info = _optimizer_tensors(opt)
-        tensors["rng.torch"] = torch.get_rng_state()
-        ck_meta = dict(meta)
-        ck_meta["checkpoint"] = {
-            "epoch": epoch,
-            "history": history,
-            "optimizer": opt_info,
-            "config": json.loads(json.dumps(asdict(cfg))),
-            **({"scaler": scaler.state_dict()} if use_amp else {}),
-        }
-        save_model(ckpt, model, ck_meta, extra_tensors=tensors)
-        _validate_epoch(model, val_ds, entry, loader.skipped, classes, device, cfg, log)
+        _checkpoint(model, run_dir, epoch, history, run)
+        _validate_epoch(model, val_ds, entry, skipped, run)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
-        write_curves(run_dir, history, curve_title(meta))
-        val_txt = f" val_top1 {entry['val_top1']:.4f}" if entry["val_top1"] is not None else ""
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f} train_acc {entry['train_acc']:.4f}"
+        write_curves(run_dir, history, curve_title(meta), (task.metric_key("train"), val_key))
+        train_key = task.metric_key("train")
+        val_txt = f" {val_key} {entry[val_key]:.4f}" if entry[val_key] is not None else ""
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f} {train_key} {entry[train_key]:.4f}"
             f"{val_txt} ({entry['seconds']:.1f}s)")
     return model.eval(), history
 
 
-def _validate_epoch(model: nn.Module, val_ds, entry: dict[str, Any], train_skipped: Sequence[str], classes,
-                    device: torch.device, cfg: TrainConfig, log: Callable[[str], None]) -> None:
-    """Fill in the epoch's validation accuracy and its count of skipped images, warned about once."""
+def _train_epoch(model: nn.Module, train_ds, epoch: int, run: _Run) -> tuple[dict[str, Any], list[str]]:
+    """One pass over the training set; (the epoch's history entry, the images it skipped)."""
+    cfg, device, opt = run.cfg, run.device, run.opt
+    model.train()
+    loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, epoch, cfg.workers, drop_last=True,
+                         min_batch=2, report=None, collate=run.task.collate)
+    n_batches = max(len(loader), 1)
+    t0 = time.perf_counter()
+    seen, loss_sum = 0, 0.0
+    running = run.task.evaluator(run.meta)
+    it = loader
+    if run.progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+    for i, (x, y) in enumerate(it):
+        lr = lr_at(cfg, epoch, i / n_batches)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = to_device(x, device), to_device(y, device)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=run.use_amp):
+            outputs = model(x)
+            loss = run.loss_fn(_to_float(outputs), y, x)
+        opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if run.before_step is not None:
+            if run.use_amp:
+                run.scaler.unscale_(opt)
+            run.before_step(model)
+        run.scaler.step(opt)
+        run.scaler.update()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+        n = _count(y)
+        seen += n
+        loss_sum += loss.item() * n
+        running.update(_detach(outputs), y)
+        if run.progress:
+            it.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{running.result()[run.task.primary_metric]:.3f}",
+                           lr=f"{lr:.2g}")
+    entry = {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / max(seen, 1),
+        run.task.metric_key("train"): running.result()[run.task.primary_metric] if seen else 0.0,
+        run.task.metric_key("val"): None,
+        "lr": lr_at(cfg, epoch),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "skipped_images": len(loader.skipped),
+    }
+    return entry, loader.skipped
+
+
+def _to_float(outputs: Any) -> Any:
+    """Outputs in float32 for the loss (autocast computes them in float16)."""
+    if torch.is_tensor(outputs):
+        return outputs.float()
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_to_float(o) for o in outputs)
+    if isinstance(outputs, dict):
+        return {k: _to_float(v) for k, v in outputs.items()}
+    return outputs
+
+
+def _detach(outputs: Any) -> Any:
+    if torch.is_tensor(outputs):
+        return outputs.detach()
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_detach(o) for o in outputs)
+    if isinstance(outputs, dict):
+        return {k: _detach(v) for k, v in outputs.items()}
+    return outputs
+
+
+def _checkpoint(model: nn.Module, run_dir: Path, epoch: int, history: list[dict[str, Any]], run: _Run) -> None:
+    tensors, opt_info = _optimizer_tensors(run.opt)
+    tensors["rng.torch"] = torch.get_rng_state()
+    ck_meta = dict(run.meta)
+    ck_meta["checkpoint"] = {
+        "epoch": epoch,
+        "history": history,
+        "optimizer": opt_info,
+        "config": json.loads(json.dumps(asdict(run.cfg))),
+        **({"scaler": run.scaler.state_dict()} if run.use_amp else {}),
+    }
+    save_model(run_dir / "checkpoint.safetensors", model, ck_meta, extra_tensors=tensors)
+
+
+def _validate_epoch(model: nn.Module, val_ds, entry: dict[str, Any], train_skipped: Sequence[str], run: _Run) -> None:
+    """Fill in the epoch's validation metric and its count of skipped images, warned about once."""
     val = None
     if val_ds is not None and len(val_ds) > 0:
-        val = evaluate(model, val_ds, classes, device, workers=cfg.workers, log=None)
-        entry["val_top1"] = val["top1"]
+        val = evaluate(model, val_ds, run.task.evaluator(run.meta), run.device, workers=run.cfg.workers, log=None,
+                       collate=run.task.collate)
+        entry[run.task.metric_key("val")] = val[run.task.primary_metric]
     val_skipped = val.get("skipped", []) if val else []
     entry["skipped_images"] = entry.get("skipped_images", 0) + len(val_skipped)
-    warn_skipped(list(train_skipped) + val_skipped, log, f"epoch {entry['epoch']}: ")
+    warn_skipped(list(train_skipped) + val_skipped, run.log, f"epoch {entry['epoch']}: ")

@@ -1,4 +1,4 @@
-"""The one small interface every backend implements, and the choice of backend.
+"""The one small interface every backend implements.
 
 Modelled on Polygraphy's runners: a runner is created cheaply, `load()` does the expensive
 work, `infer()` maps numpy inputs to numpy outputs, `close()` frees everything. Benchmarks use
@@ -7,18 +7,50 @@ does nothing but execute, so the harness adds no copies or allocations to what i
 """
 
 import collections
-import os
 
 import numpy as np
 
-from .errors import RuntimeToolError
+from ..errors import RuntimeToolError
 
 TensorSpec = collections.namedtuple("TensorSpec", ["name", "shape", "dtype"])
 TensorSpec.__doc__ = "An input or output: shape is a tuple with -1 for dynamic axes; dtype a numpy dtype."
 
-ENGINE_EXTENSIONS = (".engine", ".plan", ".trt")
-ONNX_EXTENSIONS = (".onnx",)
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+
+
+class Outputs(list):
+    """A runner's outputs: a list in the graph's output order that also answers by name.
+
+    `infer(x)[0]` stays the first output; `out["logits"]`, `out.names` and `out.as_dict()` name
+    them, so a device task or the comparator reads the outputs it needs whatever their order.
+    """
+
+    def __init__(self, names, arrays):
+        names = [str(n) for n in names]
+        arrays = list(arrays)
+        if len(names) != len(arrays):
+            raise RuntimeToolError("{} output names for {} outputs".format(len(names), len(arrays)))
+        list.__init__(self, arrays)
+        self.names = names
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            try:
+                return list.__getitem__(self, self.names.index(key))
+            except ValueError:
+                raise KeyError("no output named {!r} (outputs: {})".format(key, ", ".join(self.names))) from None
+        return list.__getitem__(self, key)
+
+    def __contains__(self, key):
+        if isinstance(key, str):
+            return key in self.names
+        return list.__contains__(self, key)
+
+    def as_dict(self):
+        return collections.OrderedDict(zip(self.names, self))
+
+    def __repr__(self):
+        return "Outputs({})".format(", ".join("{}={}".format(n, getattr(a, "shape", "?"))
+                                              for n, a in zip(self.names, self)))
 
 
 class Prepared:
@@ -58,7 +90,7 @@ class Runner:
         return (dim, dim) if dim > 0 else (1, None)
 
     def infer(self, feed):
-        """feed: one array (single-input models) or {name: array}; returns the list of outputs."""
+        """feed: one array (single-input models) or {name: array}; returns Outputs (every output, named)."""
         raise NotImplementedError
 
     def prepare(self, batch, cuda_graph=False, spin_wait=False):
@@ -119,47 +151,3 @@ def random_inputs(specs, batch, seed=0):
         else:
             feed[spec.name] = rng.randint(0, 8, size=shape).astype(dtype)
     return feed
-
-
-def select_backend(model_path, backend="auto"):
-    """(backend, reason in words) for a model file; the CLI prints the reason."""
-    ext = os.path.splitext(model_path)[1].lower()
-    if backend not in BACKENDS:
-        raise RuntimeToolError("unknown backend {!r} (choose from {})".format(backend, ", ".join(BACKENDS)))
-    if backend == "tensorrt":
-        if ext not in ENGINE_EXTENSIONS:
-            raise RuntimeToolError("--backend tensorrt runs serialized engines ({}), not {}: build one first with "
-                                   "`rsedge build {}`".format("/".join(ENGINE_EXTENSIONS), ext or "this file",
-                                                              model_path))
-        return backend, "requested with --backend tensorrt"
-    if backend == "onnxruntime":
-        if ext not in ONNX_EXTENSIONS:
-            raise RuntimeToolError(f"--backend onnxruntime runs .onnx files, not {ext or model_path}")
-        return backend, "requested with --backend onnxruntime"
-    if ext in ENGINE_EXTENSIONS:
-        return "tensorrt", f"{os.path.basename(model_path)} is a serialized TensorRT engine"
-    if ext in ONNX_EXTENSIONS:
-        return "onnxruntime", (f"{os.path.basename(model_path)} is an ONNX model, which ONNX Runtime runs directly "
-                               "(build a TensorRT engine with `rsedge build` for the fastest path on a GPU)")
-    raise RuntimeToolError("cannot tell how to run {}: expected .onnx, {} or a bundle directory".format(
-        model_path, ", ".join(ENGINE_EXTENSIONS)))
-
-
-def open_runner(model_path, backend="auto", providers=None, threads=None, log=None):
-    """Create and load the runner for a model file; runner.info says which backend and why."""
-    if not os.path.exists(model_path):
-        raise RuntimeToolError(f"model file {model_path} does not exist")
-    name, reason = select_backend(model_path, backend)
-    if name == "tensorrt":
-        from .backends_trt import TrtRunner
-
-        if providers:
-            raise RuntimeToolError("--providers applies to ONNX Runtime, not to TensorRT engines")
-        runner = TrtRunner(model_path, log=log)
-    else:
-        from .backends_ort import OrtRunner
-
-        runner = OrtRunner(model_path, providers=providers, threads=threads)
-    runner.load()
-    runner.info["backend_reason"] = reason
-    return runner

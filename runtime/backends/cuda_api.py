@@ -10,7 +10,7 @@ import ctypes
 
 import numpy as np
 
-from .errors import BackendUnavailable
+from ..errors import BackendUnavailable
 
 
 def load_cuda_api(device=0):

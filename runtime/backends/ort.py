@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 
-from .backends import Prepared, Runner, TensorSpec, as_feed, check_batch, random_inputs
-from .errors import BackendUnavailable, RuntimeToolError
-from .preprocess import merge_metadata, normalize_metadata, read_preprocess_json
+from ..errors import BackendUnavailable, RuntimeToolError
+from ..preprocess import merge_metadata, normalize_metadata, read_preprocess_json
+from .base import Outputs, Prepared, Runner, TensorSpec, as_feed, check_batch, random_inputs
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SHORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -61,8 +61,10 @@ def _dim(d):
 class OrtRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, model_path, providers=None, threads=None, provider_options=None):
+    def __init__(self, model_path, providers=None, threads=None, provider_options=None, log_severity=None):
+        """log_severity: ONNX Runtime's (0 verbose .. 4 fatal; None: its default, warnings)."""
         Runner.__init__(self)
+        self.log_severity = log_severity
         self.model_path = model_path
         self.requested_providers = providers
         self.threads = threads
@@ -75,6 +77,8 @@ class OrtRunner(Runner):
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
+        if self.log_severity is not None:
+            options.log_severity_level = int(self.log_severity)
         provider_args = providers
         if "TensorrtExecutionProvider" in providers and not self.provider_options:
             cache = os.path.join(os.path.expanduser("~"), ".cache", "rsedge", "ort-trt")
@@ -115,7 +119,7 @@ class OrtRunner(Runner):
 
     def infer(self, feed):
         feed = as_feed(self, feed)
-        return self.session.run(None, feed)
+        return Outputs([o.name for o in self._outputs], self.session.run(None, feed))
 
     def prepare(self, batch, cuda_graph=False, spin_wait=False):
         if cuda_graph or spin_wait:

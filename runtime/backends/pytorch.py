@@ -8,17 +8,19 @@ torch is imported only when a runner is loaded, never by importing this module.
 
 import numpy as np
 
-from .backends import Prepared, Runner, TensorSpec, as_feed, check_batch, random_inputs
-from .errors import BackendUnavailable
+from ..errors import BackendUnavailable
+from .base import Outputs, Prepared, Runner, TensorSpec, as_feed, check_batch, random_inputs
 
 
 class TorchRunner(Runner):
     backend = "pytorch"
 
     def __init__(self, module, input_shape, device=None, metadata=None, input_name="input", output_name="logits",
-                 threads=None, model_path=None):
+                 threads=None, model_path=None, output_names=None):
         """input_shape: the per-sample shape, e.g. (3, 64, 64); device: "cpu", "cuda", "auto" (CUDA where there is
-        one) or None for the module's; threads: torch's intra-op threads (None: torch's default)."""
+        one) or None for the module's; threads: torch's intra-op threads (None: torch's default); output_names:
+        the names of the module's outputs in order (a tensor, a tuple/list, or a dict in that order), default
+        (output_name,)."""
         Runner.__init__(self)
         self.module = module
         self.threads = threads
@@ -27,7 +29,8 @@ class TorchRunner(Runner):
         self.device = device
         self.metadata = dict(metadata or {})
         self._inputs = [TensorSpec(input_name, (-1,) + self.input_shape, np.dtype(np.float32))]
-        self._outputs = [TensorSpec(output_name, (-1, -1), np.dtype(np.float32))]
+        names = list(output_names) if output_names else [output_name]
+        self._outputs = [TensorSpec(n, (-1, -1), np.dtype(np.float32)) for n in names]
 
     def load(self):
         try:
@@ -60,16 +63,24 @@ class TorchRunner(Runner):
     def _forward(self, x):
         torch = self._torch
         with torch.no_grad():
-            y = self.module(x)
-        if isinstance(y, (tuple, list)):
-            y = y[0]
-        return y
+            return self.module(x)
+
+    def _named(self, y):
+        """(names, tensors) of a module's result: a tensor, a tuple/list of tensors, or a dict of them."""
+        declared = [s.name for s in self._outputs]
+        if isinstance(y, dict):
+            names = declared if all(n in y for n in declared) else list(y)
+            return names, [y[n] for n in names]
+        tensors = list(y) if isinstance(y, (tuple, list)) else [y]
+        names = declared[:len(tensors)] + ["output{}".format(i) for i in range(len(declared), len(tensors))]
+        return names, tensors
 
     def infer(self, feed):
         feed = as_feed(self, feed)
         torch = self._torch
         x = torch.from_numpy(feed[self._inputs[0].name]).to(self.device)
-        return [self._forward(x).float().cpu().numpy()]
+        names, tensors = self._named(self._forward(x))
+        return Outputs(names, [t.float().cpu().numpy() for t in tensors])
 
     def prepare(self, batch, cuda_graph=False, spin_wait=False):
         check_batch(self, batch)

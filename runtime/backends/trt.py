@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 
-from . import sidecar as sidecar_mod
-from . import trt_compat
-from .backends import Prepared, Runner, TensorSpec, as_feed, check_batch, random_inputs
+from ..build import sidecar as sidecar_mod
+from ..build import trt_compat
+from ..errors import BackendUnavailable, RebuildOnDevice, RuntimeToolError
+from .base import Outputs, Prepared, Runner, TensorSpec, as_feed, check_batch, random_inputs
 from .cuda_api import load_cuda_api
-from .errors import BackendUnavailable, RebuildOnDevice, RuntimeToolError
 
 
 def import_tensorrt():
@@ -156,7 +156,8 @@ class TrtRunner(Runner):
         high = self.batch_range()[1]
         if batch > high:
             parts = [self.infer({k: v[i:i + high] for k, v in feed.items()}) for i in range(0, batch, high)]
-            return [np.concatenate([p[j] for p in parts]) for j in range(len(self._out))]
+            return Outputs([t["name"] for t in self._out],
+                           [np.concatenate([p[j] for p in parts]) for j in range(len(self._out))])
         check_batch(self, batch)
         out_shapes = self._set_batch(batch)
         views = self._views(batch, out_shapes)
@@ -168,7 +169,7 @@ class TrtRunner(Runner):
         for t in self._out:
             cuda.dtoh_async(views[t["name"]], self._dev[t["name"]], stream)
         cuda.synchronize(stream)
-        return [np.array(views[t["name"]]) for t in self._out]
+        return Outputs([t["name"] for t in self._out], [np.array(views[t["name"]]) for t in self._out])
 
     def prepare(self, batch, cuda_graph=False, spin_wait=False):
         """A run() timing H2D, compute and D2H apart with CUDA events, like trtexec.

@@ -14,10 +14,11 @@ checks this against a bare onnxruntime loop).
 import os
 import time
 
-from . import memory, stats
-from .backends import Runner, open_runner
-from .conditions import collect_conditions
-from .power import open_power_monitor
+from ..backends import Runner, open_runner
+from ..jetson import memory
+from ..jetson.conditions import collect_conditions
+from ..jetson.power import open_power_monitor
+from . import stats
 
 DEFAULT_WARMUP_S = 0.2
 DEFAULT_ITERATIONS = 10

@@ -10,8 +10,8 @@ import io
 import json
 import os
 
-from . import __version__
-from .fileio import atomic_write_text, utc_now
+from .. import __version__
+from ..fileio import atomic_write_text, utc_now
 from .stats import finite_or_none
 
 SCHEMA = "rsedge-bench/1"

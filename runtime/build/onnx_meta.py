@@ -10,7 +10,7 @@ Field numbers are those of onnx.proto (ModelProto, GraphProto, NodeProto, ValueI
 TypeProto.Tensor, TensorShapeProto, StringStringEntryProto).
 """
 
-from .errors import RuntimeToolError
+from ..errors import RuntimeToolError
 
 # ModelProto
 _MODEL_IR_VERSION = 1

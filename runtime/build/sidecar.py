@@ -9,9 +9,9 @@ cannot store in the engine.
 
 import os
 
-from .errors import RebuildOnDevice
-from .fileio import read_json, utc_now, write_json
-from .manifest import sha256_file
+from ..bundles.manifest import sha256_file
+from ..errors import RebuildOnDevice
+from ..fileio import read_json, utc_now, write_json
 
 FORMAT = "rsedge-engine/1"
 
@@ -101,7 +101,7 @@ def rebuild_hint(doc, engine_path):
         args += ["--int8-from", doc["int8_from"]]
     if options.get("batch"):
         args += ["--batch", ",".join(str(b) for b in options["batch"])]
-    return "rsedge build {} {} -o {}   (or: python3 -m rsedge.runtime.trt_build ...)".format(
+    return "rsedge build {} {} -o {}   (or: python3 -m rsedge.runtime.build ...)".format(
         onnx, " ".join(args), engine_path)
 
 

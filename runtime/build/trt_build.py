@@ -3,7 +3,7 @@
 Engines are tied to one GPU and one TensorRT version, so a bundle carries ONNX files and the
 device builds its own engines; this module is that builder. It lives in the runtime (not in
 the host's export package) because a Jetson has neither torch nor onnx installed. The host CLI
-calls `build_engine()` for `rsedge build`; on a device `python3 -m rsedge.runtime.trt_build`
+calls `build_engine()` for `rsedge build`; on a device `python3 -m rsedge.runtime.build`
 does the same.
 
 Next to each engine goes a JSON sidecar (see sidecar.py) that records TensorRT version, GPU,
@@ -18,11 +18,11 @@ import time
 
 import numpy as np
 
+from ..bundles.manifest import sha256_file
+from ..errors import RuntimeToolError
+from ..fileio import atomic_write_bytes
+from ..preprocess import onnx_metadata
 from . import onnx_meta, trt_compat
-from .errors import RuntimeToolError
-from .fileio import atomic_write_bytes
-from .manifest import sha256_file
-from .preprocess import onnx_metadata
 from .sidecar import make_sidecar, write_sidecar
 
 DEFAULT_WORKSPACE_MB = 1024
@@ -167,8 +167,8 @@ def build_engine(onnx_path, engine_path, precision="fp16", batch=(1, 1, 1), work
     if metadata is None:
         metadata = onnx_metadata(onnx_path)
 
-    from .backends_trt import import_tensorrt
-    from .cuda_api import load_cuda_api
+    from ..backends.cuda_api import load_cuda_api
+    from ..backends.trt import import_tensorrt
 
     trt = import_tensorrt()
     feat = trt_compat.features(trt)
@@ -291,8 +291,8 @@ def _build(trt, feat, cuda, onnx_path, engine_path, precision, batch, workspace_
 
 def probe_device():
     """What this device's TensorRT can build: version, GPU, fast FP16/INT8, calibrators, DLA cores."""
-    from .backends_trt import import_tensorrt
-    from .cuda_api import load_cuda_api
+    from ..backends.cuda_api import load_cuda_api
+    from ..backends.trt import import_tensorrt
 
     trt = import_tensorrt()
     feat = trt_compat.features(trt)
@@ -342,7 +342,7 @@ def default_engine_path(onnx_path, precision, batch):
 
 
 def build_parser(prog="rsedge build"):
-    from .cli import HelpFormatter
+    from ..helpformat import HelpFormatter
 
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=HelpFormatter,
@@ -394,4 +394,4 @@ def _print(msg):
 
 
 if __name__ == "__main__":
-    sys.exit(main_build(prog="python3 -m rsedge.runtime.trt_build"))
+    sys.exit(main_build(prog="python3 -m rsedge.runtime.build.trt_build"))

@@ -21,7 +21,7 @@ touch TensorRT objects take the `trt` module as an argument so tests can pass a 
 import os
 import re
 
-from .errors import RuntimeToolError
+from ..errors import RuntimeToolError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_SOURCES = ("qdq", "calib")

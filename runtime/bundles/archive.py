@@ -17,7 +17,7 @@ import shutil
 import tarfile
 import tempfile
 
-from .errors import RuntimeToolError
+from ..errors import RuntimeToolError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 MANIFEST = "manifest.json"

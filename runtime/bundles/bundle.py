@@ -16,11 +16,12 @@ kernels (uint8 activations) gets no engine; without TensorRT, ONNX Runtime runs 
 import json
 import os
 
-from . import sidecar as sidecar_mod
-from . import trt_compat
-from .errors import RuntimeToolError
+from ..build import sidecar as sidecar_mod
+from ..build import trt_compat
+from ..errors import RuntimeToolError
+from ..preprocess import normalize_metadata
+from ..tasks import task_for
 from .manifest import verify_manifest
-from .preprocess import normalize_metadata
 
 ENGINE_DIR = "engines"
 
@@ -78,6 +79,10 @@ class Bundle:
             return {}
         with open(self.path(rel), "r") as f:
             return normalize_metadata(json.load(f))
+
+    def task(self):
+        """The bundle's device task, from the task its preprocess.json names (classification by default)."""
+        return task_for(self.preprocess())
 
     def engine_path(self, name):
         return os.path.join(self.directory, ENGINE_DIR, name)
@@ -161,7 +166,7 @@ def ensure_engines(bundle, caps, batch, precisions=None, build=None, workspace_m
     """Build the engines this device lacks; returns the plan with "status" and "reason" per item."""
     log = log or (lambda msg: None)
     if build is None:
-        from .trt_build import build_engine as build
+        from ..build.trt_build import build_engine as build
     plan = plan_engines(bundle, caps, batch, precisions)
     if (bundle.manifest.get("calibration") or {}).get("cache") and any(
             p["int8_from"] == "calib" and not p["skip"] for p in plan):
@@ -195,6 +200,6 @@ def ensure_engines(bundle, caps, batch, precisions=None, build=None, workspace_m
 
 
 def _engine_metadata(bundle, item):
-    from .preprocess import merge_metadata, onnx_metadata
+    from ..preprocess import merge_metadata, onnx_metadata
 
     return merge_metadata(onnx_metadata(bundle.path(item["onnx"])), bundle.preprocess())

@@ -9,8 +9,8 @@ import hashlib
 import json
 import os
 
-from .errors import ManifestError
-from .fileio import atomic_write_text, utc_now
+from ..errors import ManifestError
+from ..fileio import atomic_write_text, utc_now
 
 FORMAT = "rsedge-bundle/1"
 MANIFEST = "manifest.json"

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 
-from .fileio import utc_now
+from ..fileio import utc_now
 
 _GPU_DEVFREQ = re.compile(r"(gpu|gp10b|gv11b|ga10b|gb10b|gm20b)", re.IGNORECASE)
 

@@ -1,0 +1,1 @@
+"""Timing a runner, its statistics, and the report."""

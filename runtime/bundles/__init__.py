@@ -1,0 +1,1 @@
+"""Deployment bundles on the device: the bundle itself, its manifest, its archive."""

@@ -1,0 +1,1 @@
+"""What the board is doing while it is measured: tegrastats, power, conditions, memory."""

@@ -1,0 +1,82 @@
+"""What the device needs to know about a task: decode raw outputs, score them, read the targets.
+
+A task is selected by the model's `rsedge.task` metadata (see tasks/__init__.py), so the
+evaluation loop, the comparator and rsedge-bench never look at the shape of an output
+themselves. Predictions and targets are per-sample sequences (a numpy array with the sample
+on axis 0, or a list with one entry per sample): the loop slices them by sample and hands
+each chunk to the accumulator.
+"""
+
+import os
+
+import numpy as np
+
+from ..errors import RuntimeToolError
+
+
+class DeviceTask(object):
+    """Base class of device tasks; a task module subclasses it and registers one instance."""
+
+    name = "?"
+    outputs = ("logits",)
+    targets_name = "targets"
+
+    def output(self, outputs, name):
+        """The output `name`, or the first one when the model does not name it (files exported before
+        output names were declared carry one output under another name)."""
+        if name in outputs:
+            return outputs[name]
+        if not outputs:
+            raise RuntimeToolError("the model produced no outputs")
+        return outputs[next(iter(outputs))]
+
+    def decode(self, outputs, metadata):
+        """{output name: array (N, ...)} -> predictions, one per sample."""
+        raise NotImplementedError
+
+    def accumulator(self, metadata):
+        """A fresh object with .update(predictions, targets) and .result() -> dict with "primary"."""
+        raise NotImplementedError
+
+    def agreement(self, reference, candidate, metadata):
+        """Fraction of samples whose decoded predictions agree between two {name: array}."""
+        raise NotImplementedError
+
+    def load_targets(self, bundle_dir, entry, limit=None):
+        """The bundle's evaluation targets, from the files its manifest's eval entry names."""
+        raise NotImplementedError
+
+    def folder_items(self, folder, metadata):
+        """(items [(image path, target)], metadata to evaluate with, note or None) for an image folder.
+
+        Tasks whose targets do not live in a folder layout evaluate on a bundle's eval set only.
+        """
+        raise RuntimeToolError("{} models are evaluated on a bundle's evaluation set, not on an image folder "
+                               "(give the bundle to rsedge-bench)".format(self.name))
+
+    def summary(self, result):
+        """One line for the log: the primary metric of an accumulator's result (None: nothing measured)."""
+        value = result.get(result.get("primary"))
+        if value is None:
+            return None
+        return "{} {:.4f} on {} images".format(result["primary"], value, result.get("n"))
+
+    def describe(self, metadata):
+        """A few words for the log line that starts an evaluation."""
+        return self.name
+
+
+def eval_file(bundle_dir, entry, key):
+    """The path of the eval file `key`, from the eval entry's own key or its "targets" table."""
+    rel = entry.get(key) or (entry.get("targets") or {}).get(key)
+    if not rel:
+        raise RuntimeToolError("bundle {} has no eval/{} in its manifest's evaluation set".format(bundle_dir, key))
+    return os.path.join(bundle_dir, *rel.split("/"))
+
+
+def load_array(path, limit=None):
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (IOError, OSError, ValueError) as e:
+        raise RuntimeToolError("cannot read {}: {}".format(path, e)) from e
+    return array[:int(limit)] if limit else array

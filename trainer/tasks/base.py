@@ -1,0 +1,151 @@
+"""The host side of a task: everything a stage needs to know that depends on what the model
+predicts, so that train, prune, fine-tune and export are written once for every task.
+
+A task answers: which datasets a split makes and how they are batched (`datasets`, `collate`),
+the loss that training and the data-driven pruning criteria differentiate (`loss`, as
+Torch-Pruning's Taylor importance reads the gradients of the user's own loss), how predictions
+are scored (`evaluator`, with one primary metric), which modules are never pruned (`head`, from
+the model spec), where L_FA measures the feature attention (`target_regions`), what the exported
+graph is called and which axes are dynamic (`export_outputs`, `dynamic_axes`), the rsedge.*
+metadata table the device preprocesses with (`preprocess`), and what a bundle stores under
+`eval/` (`bundle_eval`). The device has its own half (`rsedge.runtime.tasks`), registered under
+the same name and chosen by the model's `rsedge.task` metadata.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..models import REGISTRY, get_spec
+
+INPUT_NAME = "input"
+LossFn = Callable[[Any, Any, Any], Any]
+
+
+class Evaluator(ABC):
+    """Accumulates a model's outputs batch by batch; `result()` holds the task's primary metric
+    (under its name) and `samples`."""
+
+    @abstractmethod
+    def update(self, outputs: Any, targets: Any) -> None: ...
+
+    @abstractmethod
+    def result(self) -> dict[str, Any]: ...
+
+
+def stack_dataset(ds, input_size: Sequence[int], log: Callable[[str], None] = print) -> tuple[np.ndarray, list[Any]]:
+    """Every readable (image, target) of a preprocessing dataset as one float32 NCHW array and a
+    list; an image that became unreadable after the split is skipped and counted, as at split time."""
+    from rsedge.trainer.datasets import SkipUnreadable, Unreadable
+
+    view = SkipUnreadable(ds)
+    samples = [view[i] for i in range(len(view))]
+    bad = [s for s in samples if isinstance(s, Unreadable)]
+    if bad:
+        log(f"warning: {len(bad)} image(s) unreadable since the split was made, skipped, e.g. {bad[0].path}")
+    good = [s for s in samples if not isinstance(s, Unreadable)]
+    if not good:
+        return np.zeros((0, 3, *input_size), np.float32), []
+    xs, ys = zip(*good)
+    return np.stack([x.numpy() for x in xs]).astype(np.float32), list(ys)
+
+
+class Task(ABC):
+    name = "?"
+    primary_metric = "top1"
+    higher_is_better = True
+    outputs: tuple[str, ...] = ("logits",)  # output names of a model whose spec is not registered
+    collate: Callable[[list[Any]], Any] | None = None  # None: torch's default_collate
+    record_keys: tuple[str, ...] = ()  # result keys a stage's record keeps; () = primary, samples, skipped
+
+    # -- data ---------------------------------------------------------------------------------
+    @abstractmethod
+    def eval_dataset(self, root: str | os.PathLike, items: Sequence[Sequence[Any]], meta: dict[str, Any]):
+        """A dataset of (preprocessed image, target) over split items, as the device preprocesses."""
+
+    def train_dataset(self, root: str | os.PathLike, items: Sequence[Sequence[Any]], meta: dict[str, Any]):
+        """The training images, augmented; by default preprocessed as for evaluation."""
+        return self.eval_dataset(root, items, meta)
+
+    def datasets(self, split: dict[str, Any], meta: dict[str, Any], augment: bool = True):
+        """(train, val, test) datasets of a split; `augment=False` preprocesses training images
+        like the others (what a scoring pass reads)."""
+        root = split["root"]
+        train = self.train_dataset(root, split["train"], meta) if augment else self.eval_dataset(
+            root, split["train"], meta)
+        return train, self.eval_dataset(root, split["val"], meta), self.eval_dataset(root, split["test"], meta)
+
+    # -- training and scoring -----------------------------------------------------------------
+    @abstractmethod
+    def loss(self, outputs: Any, targets: Any, inputs: Any) -> Any:
+        """A scalar tensor; what fit, Taylor and CAP differentiate."""
+
+    def training_loss(self, cfg: Any) -> LossFn:
+        """The loss under a training configuration (e.g. label smoothing); by default `loss`."""
+        return self.loss
+
+    @abstractmethod
+    def evaluator(self, meta: dict[str, Any]) -> Evaluator: ...
+
+    def metric_key(self, part: str) -> str:
+        """The key of the primary metric of `part` (train, val, test) in histories and metrics."""
+        return f"{part}_{self.primary_metric}"
+
+    def record_result(self, result: dict[str, Any]) -> dict[str, Any]:
+        keys = self.record_keys or (self.primary_metric, "samples", "skipped_images")
+        return {k: result[k] for k in keys if k in result}
+
+    def summary(self, result: dict[str, Any]) -> str:
+        return f"{self.primary_metric}: {result[self.primary_metric]:.4f} ({result.get('samples', 0)} images)"
+
+    def write_eval_outputs(self, out: Path, result: dict[str, Any], meta: dict[str, Any], title: str) -> None:
+        from ..records import atomic_write_json
+
+        atomic_write_json(Path(out) / "metrics.json", result)
+
+    # -- compression --------------------------------------------------------------------------
+    def head(self, meta: dict[str, Any]) -> tuple[str, ...]:
+        """Module names pruning keeps whole: the head the model's spec declares."""
+        return get_spec(meta["arch"]).head
+
+    def target_regions(self, feature_model, images, targets):
+        """{0,1} masks at the feature map's size where L_FA measures attention (`--target-lfa`)."""
+        raise NotImplementedError(f"the {self.name} task defines no target regions: --target-lfa needs them")
+
+    # -- export and the device ----------------------------------------------------------------
+    def export_outputs(self, meta: dict[str, Any]) -> list[str]:
+        """The output names the model's spec declares (the task's own for an unregistered module)."""
+        spec = REGISTRY.get(meta.get("arch", ""))
+        return list(spec.outputs if spec is not None else self.outputs)
+
+    def dynamic_axes(self, meta: dict[str, Any], dynamic_batch: bool) -> dict[str, dict[int, str]]:
+        """ONNX dynamic axes by tensor name: the batch of the input and of every output."""
+        if not dynamic_batch:
+            return {}
+        return {name: {0: "batch"} for name in [INPUT_NAME, *self.export_outputs(meta)]}
+
+    def preprocess(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The rsedge.* table (without the prefix): what the device needs to preprocess and to
+        read the outputs with no other file. ONNX metadata_props and a bundle's preprocess.json
+        are both written from it."""
+        return {
+            "task": self.name,
+            "classes": list(meta["classes"]),
+            "input_size": list(meta["input_size"]),
+            "mean": list(meta["normalization"]["mean"]),
+            "std": list(meta["normalization"]["std"]),
+            "layout": "NCHW",
+            "color": "RGB",
+            "resize": "resize",
+        }
+
+    @abstractmethod
+    def bundle_eval(self, root: str | os.PathLike, items: Sequence[Sequence[Any]], meta: dict[str, Any]
+                    ) -> dict[str, Any]:
+        """{"images": float32 NCHW array, "targets": {file name: array}}: saved under eval/ of a
+        bundle, where the device task's `load_targets` reads them."""
