@@ -13,7 +13,7 @@ from . import __version__
 from .bench import benchmark, report
 from .build.trt_compat import parse_batch
 from .bundles.archive import ARCHIVE_SUFFIXES, extract_bundle, is_bundle_archive
-from .bundles.bundle import Bundle, ensure_engines, is_bundle, variants_for
+from .bundles.bundle import Bundle, ensure_engines, is_bundle, precision_warnings, variants_for
 from .errors import BackendUnavailable, RuntimeToolError
 from .helpformat import HelpFormatter
 
@@ -185,6 +185,7 @@ def bundle_models(bundle, args, log):
     for v, why in skipped:
         log("{}: not run here: {}".format(v["name"], why))
     float_variants = [v["name"] for v in bundle.variants if v.get("precision", "fp32") != "int8"]
+    bundle.warnings.extend(precision_warnings(caps))
     if caps is not None:
         models = [(engine, "{}:{}/{}".format(name, variant, precision), precision,
                    variant in float_variants[:1] and precision == "fp32")
@@ -228,6 +229,8 @@ def run_bundle(directory, args, log):
             if entry is not None:
                 run["check"] = entry
                 log(describe(entry))
+        if bundle.warnings:
+            run["warnings"] = list(bundle.warnings)
         runs.append(run)
     return runs
 
@@ -311,6 +314,8 @@ def _run_one(model, label, args, log, model_loader, cleanup):
 
 def _print_results(doc, runs, args, log):
     print(report.format_table(doc["comparison"]))
+    for warning in report.run_warnings(runs):
+        sys.stderr.write("WARNING: " + warning + "\n")  # even with --quiet: a precision the board lacks
     if args.quiet:
         return
     print(report.THROUGHPUT_NOTE)

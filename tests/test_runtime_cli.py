@@ -358,3 +358,23 @@ def test_models_and_options_may_be_mixed(tmp_path):
     assert args.models == ["a.onnx", "b.onnx", bundle] and args.batch == [1, 4]
     args = cli.parse_args(cli.build_parser(), ["a.onnx", "--eval", str(tmp_path)])
     assert args.models == ["a.onnx"] and args.eval == str(tmp_path)  # a folder without manifest.json: --eval DIR
+
+
+def test_bundle_on_a_tx2_says_loudly_that_it_has_no_int8(tmp_path, capsys, monkeypatch):
+    """JetPack 4.6 (TensorRT 8.0.1) on a TX2: no INT8 engine, FP16 at best, and the report says so
+    on stderr (even with --quiet), in the JSON and in the Markdown report."""
+    bundle = tmp_path / "bundle"
+    H.make_bundle(str(bundle))
+    cuda = H.FakeCuda()
+    cuda.device = dict(cuda.device, name="NVIDIA Tegra X2", compute_capability="6.2")
+    trt = H.make_fake_trt("8.0.1.6", fast_int8=False)
+    H.install_fake_tensorrt(monkeypatch, trt, cuda)
+    rc = cli.main([str(bundle), "--batch", "1", "--no-eval", "--quiet", "--json", str(tmp_path / "r.json"),
+                   "--md", str(tmp_path / "r.md")] + FAST)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert {r["precision"] for r in doc["runs"]} == {"fp32", "fp16"}
+    assert "WARNING: NO INT8 on this GPU (NVIDIA Tegra X2, sm 6.2)" in err
+    assert all("NO INT8" in r["warnings"][0] for r in doc["runs"])
+    assert "**WARNING: NO INT8 on this GPU" in (tmp_path / "r.md").read_text()

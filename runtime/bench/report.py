@@ -193,11 +193,22 @@ def describe_conditions(cond):
     return lines
 
 
+def run_warnings(runs):
+    """The warnings runs carry (e.g. a bundle on a GPU without INT8), each once, in order."""
+    seen = []
+    for run in runs:
+        for w in run.get("warnings") or []:
+            if w not in seen:
+                seen.append(w)
+    return seen
+
+
 def to_markdown(doc):
     lines = ["# rsedge-bench results", ""]
     if doc.get("command"):
         lines += ["Command: `{}`".format(" ".join(doc["command"])), ""]
     lines += ["- " + line for line in describe_conditions(doc.get("conditions"))]
+    lines += ["**WARNING: {}**".format(w) for w in run_warnings(doc["runs"])]
     lines += ["", format_markdown_table(doc["comparison"]), ""]
     lines.append("Latency is per batch on the host clock (mean, median, min, max, p99); throughput (thr img/s "
                  "(wall)) is batch x timed runs over the wall-clock time of the timed loop, not batch / median "

@@ -34,10 +34,22 @@ def engine_name(variant, precision, max_batch):
     return f"{variant}-{precision}-b{max_batch}.engine"
 
 
+def precision_warnings(caps):
+    """What a report must say loudly about this GPU's precisions: a TX2 or Nano has no INT8 at all,
+    so a bundle's INT8 variants give no INT8 engine there and FP16 is the fastest it offers."""
+    if caps is None or caps.get("fast_int8", True):
+        return []
+    device = caps.get("device") or {}
+    return ["NO INT8 on this GPU ({}, sm {}): Jetson TX2 and Nano have no INT8 at all, so no INT8 engine was built "
+            "and FP16 is the fastest precision here".format(device.get("name", "?"),
+                                                           device.get("compute_capability", "?"))]
+
+
 class Bundle:
     def __init__(self, directory, manifest):
         self.directory = directory
         self.manifest = manifest
+        self.warnings = []  # said loudly in the report of every run of this bundle
 
     @classmethod
     def open(cls, directory, log=None):
