@@ -3,6 +3,7 @@ one for ONNX Runtime's CPU kernels), calibration tensors and a record with parit
 graph statistics out."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -170,10 +171,23 @@ def parity_set(meta: dict[str, Any], data: str | Path | None, n: int, log: Calla
     return check, source
 
 
+def _guard_for_task(s: Int8Settings, meta: dict[str, Any], log: Callable[[str], None]) -> Int8Settings:
+    """The accuracy guard counts classification top-1 in whole images; for another task its numbers
+    would mean nothing, so the files are written unguarded and the log says so (a task-generic guard
+    on the task's primary metric is still to come)."""
+    task = meta.get("task") or "classification"
+    if task == "classification" or s.max_drop is None:
+        return s
+    log(f"warning: the INT8 accuracy guard measures classification top-1 only: the {task} model's INT8 files "
+        f"are written UNGUARDED (--max-drop {s.max_drop} ignored)")
+    return dataclasses.replace(s, max_drop=None)
+
+
 def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, check: np.ndarray,
                 s: Int8Settings, log: Callable[[str], None]) -> dict[str, Any]:
     """Calibrate once, then one guarded Q/DQ file per target; {record key: record}."""
     out = onnx_path.parent
+    s = _guard_for_task(s, meta, log)
     csrc = model_items(meta, s.calib_data if s.calib_data is not None else data, "train")
     if csrc is None or not csrc[1]:
         raise ValueError("--int8 needs calibration images: pass --calib-data DIR (the training data folder)")
@@ -185,7 +199,7 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
     log(f"calibrating INT8 on {len(calib_items)} images from {csrc[0]} ({s.calib_method})")
     calib, _ = preprocess_items(csrc[0], calib_items, meta)
     files = ["calib/" + f for f in save_calibration(calib, out / "calib")]
-    vsrc = model_items(meta, data, "val")
+    vsrc = model_items(meta, data, "val") if (meta.get("task") or "classification") == "classification" else None
     if vsrc is not None and vsrc[1]:
         val_x, val_y = preprocess_items(vsrc[0], stratified_sample(vsrc[1], s.guard_images, seed=3), meta)
     elif s.max_drop is not None:

@@ -165,8 +165,13 @@ def test_a_regression_task_runs_through_every_stage(toy_task, brightness_data, t
     assert pruned.head.out_features == 1 and report["after"]["params"] < report["before"]["params"]
 
     bundle = tmp_path / "bundle"
+    said = []
     bundle_run(tmp_path / "prune" / "model.safetensors", bundle, data=brightness_data, calib_size=8, eval_size=6,
-               log=lambda m: None)
+               log=said.append)
+    # the INT8 guard counts classification top-1: for another task it says so and guards nothing
+    assert any("UNGUARDED" in m for m in said)
+    int8 = json.loads((bundle / "export_record.json").read_text())["int8"]
+    assert int8["max_drop"] is None and int8["validation_images"] == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["eval"] == {"images": "eval/images.npy", "values": "eval/values.npy", "count": 6, "split": "test"}
     assert json.loads((bundle / "preprocess.json").read_text())["task"] == "brightness"
