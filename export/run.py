@@ -171,15 +171,20 @@ def parity_set(meta: dict[str, Any], data: str | Path | None, n: int, log: Calla
     return check, source
 
 
-def _guard_for_task(s: Int8Settings, meta: dict[str, Any], log: Callable[[str], None]) -> Int8Settings:
+def _guardable(meta: dict[str, Any]) -> bool:
     """The accuracy guard counts classification top-1 in whole images; for another task its numbers
-    would mean nothing, so the files are written unguarded and the log says so (a task-generic guard
-    on the task's primary metric is still to come)."""
-    task = meta.get("task") or "classification"
-    if task == "classification" or s.max_drop is None:
+    would mean nothing (a task-generic guard on the task's primary metric is still to come)."""
+    from rsedge.trainer.tasks import task_for
+
+    return task_for(meta).name == "classification"
+
+
+def _guard_for_task(s: Int8Settings, meta: dict[str, Any], log: Callable[[str], None]) -> Int8Settings:
+    """Another task's INT8 files are written unguarded, and the log says so."""
+    if _guardable(meta) or s.max_drop is None:
         return s
-    log(f"warning: the INT8 accuracy guard measures classification top-1 only: the {task} model's INT8 files "
-        f"are written UNGUARDED (--max-drop {s.max_drop} ignored)")
+    log(f"warning: the INT8 accuracy guard measures classification top-1 only: the {meta.get('task')} model's INT8 "
+        f"files are written UNGUARDED (--max-drop {s.max_drop} ignored)")
     return dataclasses.replace(s, max_drop=None)
 
 
@@ -199,7 +204,7 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
     log(f"calibrating INT8 on {len(calib_items)} images from {csrc[0]} ({s.calib_method})")
     calib, _ = preprocess_items(csrc[0], calib_items, meta)
     files = ["calib/" + f for f in save_calibration(calib, out / "calib")]
-    vsrc = model_items(meta, data, "val") if (meta.get("task") or "classification") == "classification" else None
+    vsrc = model_items(meta, data, "val") if _guardable(meta) else None
     if vsrc is not None and vsrc[1]:
         val_x, val_y = preprocess_items(vsrc[0], stratified_sample(vsrc[1], s.guard_images, seed=3), meta)
     elif s.max_drop is not None:

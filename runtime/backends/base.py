@@ -74,15 +74,18 @@ class Runner:
         self.metadata = {}
         self.info = {}
         self.loaded = False
+        self._inputs = []
+        self._outputs = []
 
     def load(self):
         raise NotImplementedError
 
     def inputs(self):
-        raise NotImplementedError
+        """[TensorSpec] of the model's inputs; runners set `_inputs` when they load."""
+        return list(self._inputs)
 
     def outputs(self):
-        raise NotImplementedError
+        return list(self._outputs)
 
     def batch_range(self):
         """(smallest, largest) batch this model accepts; largest None means unbounded."""

@@ -111,12 +111,6 @@ class OrtRunner(Runner):
         self.loaded = True
         return self
 
-    def inputs(self):
-        return list(self._inputs)
-
-    def outputs(self):
-        return list(self._outputs)
-
     def infer(self, feed):
         feed = as_feed(self, feed)
         return Outputs([o.name for o in self._outputs], self.session.run(None, feed))

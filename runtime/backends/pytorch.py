@@ -54,12 +54,6 @@ class TorchRunner(Runner):
         self.loaded = True
         return self
 
-    def inputs(self):
-        return list(self._inputs)
-
-    def outputs(self):
-        return list(self._outputs)
-
     def _forward(self, x):
         torch = self._torch
         with torch.no_grad():
