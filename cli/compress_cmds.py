@@ -135,8 +135,11 @@ def add_prune_parser(sub, formatter: type) -> None:
 def _add_prune_schedule_and_data(pr) -> None:
     sched = pr.add_argument_group("iterative schedule")
     sched.add_argument("--steps", type=int, default=1,
-                       help="prune in this many steps, fine-tuning briefly between them (needs --data)")
-    sched.add_argument("--step-epochs", type=int, default=1, help="fine-tuning epochs between steps")
+                       help="prune in this many score-and-remove steps, fine-tuning briefly between them unless "
+                       "--step-epochs 0 (needs --data for data-driven criteria or fine-tuning)")
+    sched.add_argument("--step-epochs", type=int, default=1,
+                       help="fine-tuning epochs between steps; 0: none (seed 002's schedule: --steps 60 "
+                       "--step-epochs 0, then `rsedge finetune`)")
     sched.add_argument("--step-lr", type=float, default=0.01, help="SGD learning rate between steps")
     crit = pr.add_argument_group("data-driven criteria")
     crit.add_argument("--data", help="training data folder: read by taylor, cap, --target-lfa, --steps; "

@@ -18,6 +18,7 @@ from .options import Formatter as _Formatter
 from .options import add_fraction_option as _add_fraction_option
 from .options import add_training_options as _add_training_options
 from .options import train_config as _train_config
+from .quantize_cmd import add_quantize_parser
 
 EPILOG = """\
 typical flow:
@@ -25,10 +26,20 @@ typical flow:
   rsedge train    --data data/synth --model resnet18 --img-size 32 --epochs 10 --out runs/base
   rsedge prune    --model runs/base/model.safetensors --method l1 --ratio 0.5 --out runs/pruned
   rsedge finetune --model runs/pruned/model.safetensors --data data/synth --epochs 5 --out runs/ft
+  rsedge quantize runs/ft/model.safetensors --out runs/q8   (MSB fixed-point 8-bit weights, seed 002)
   rsedge export   --model runs/ft/model.safetensors --out runs/onnx --int8 --calib-data data/synth
   rsedge bench    runs/onnx/model.onnx runs/onnx/model_int8_cpu.onnx
   rsedge bundle   --model runs/ft/model.safetensors --out bundle --tar   (then on the device: rsedge-bench bundle)
 or all of it at once: rsedge demo
+"""
+
+
+TRAIN_EPILOG = """\
+examples:
+  rsedge train --data data/synth --model resnet18 --img-size 32 --epochs 10 --out runs/base
+  rsedge data synth --task segment --out data/scenes
+  rsedge train --data data/scenes --model deeplabv3plus_resnet18 --img-size 128 --epochs 20 --out runs/seg
+  rsedge train --data "../shared/data/dubai_aerial" --model deeplabv3plus_resnet18 --img-size 256 --out runs/dubai
 """
 
 
@@ -39,12 +50,52 @@ def _version() -> str:
 
 
 def cmd_data_synth(args) -> int:
+    if args.task == "segment":
+        from rsedge.trainer.synth_seg import write_synthetic_segmentation
+
+        summary = write_synthetic_segmentation(args.out, n_images=args.images, size=args.size or 128, seed=args.seed,
+                                               progress=True, exist_ok=args.exist_ok)
+        print(f"wrote {args.images} scenes with masks ({', '.join(summary['classes'])}) to {args.out}")
+        return 0
     from rsedge.trainer.synth import make_synthetic_dataset
 
+    args.size = args.size or 64
     counts = make_synthetic_dataset(args.out, per_class=args.per_class, size=args.size, seed=args.seed,
                                     exist_ok=args.exist_ok)
     print(f"wrote {sum(counts.values())} images in {len(counts)} classes to {args.out}: {', '.join(counts)}")
     return 0
+
+
+def _is_segmentation_data(args) -> bool:
+    from rsedge.trainer.datasets import _layout_of
+
+    if any(getattr(args, k, None) for k in ("images", "masks", "colormap")):
+        return True
+    root = Path(args.data)
+    found = _layout_of(root) if root.is_dir() else None
+    return found is not None and found[0] == "segmentation"
+
+
+def _print_segmentation_split(split: dict) -> None:
+    pixels = split.get("pixels") or {}
+    total = pixels.get("total") or 0
+    print(f"{split['root']}: segmentation, {len(split['classes'])} classes ({split['layout'].get('mask_kind')} masks"
+          f"{', colour map ' + split['layout']['colormap'] if split['layout'].get('colormap') else ''}); images: "
+          f"train {split['counts']['train']}, val {split['counts']['val']}, test {split['counts']['test']}"
+          f"{' (published split)' if split.get('presplit') else ''}; {len(split['skipped'])} unreadable")
+    for i, name in enumerate(split["classes"]):
+        share = (pixels.get("per_class") or [0] * len(split["classes"]))[i] / total if total else 0.0
+        color = f" {tuple(split['colors'][i])}" if split.get("colors") else ""
+        print(f"  {i:3d} {name}{color}: {100 * share:.2f} % of pixels")
+    if total:
+        print(f"  ignored (unlabelled or a colour in no class): {pixels.get('ignored', 0)} pixels "
+              f"({100 * pixels.get('ignored', 0) / total:.2f} %)")
+    unmatched = split.get("unmatched") or {}
+    if unmatched.get("images") or unmatched.get("masks"):
+        print(f"  without a partner: {unmatched['images']} image(s), {unmatched['masks']} mask(s), e.g. "
+              f"{', '.join(unmatched.get('examples', [])[:3])}")
+    for note in split.get("notes", []):
+        print(f"  note: {note}")
 
 
 def cmd_data_check(args) -> int:
@@ -53,12 +104,19 @@ def cmd_data_check(args) -> int:
     if args.fraction < 1 and args.out:
         raise ValueError("--fraction checks a sample of the images: its split is no split to train on, so it "
                          "cannot be written with --out")
-    split = make_split(args.data, val=args.val, test=args.test, seed=args.seed, fraction=args.fraction)
-    if "sample" in split:
-        print(f"--fraction {args.fraction:g}: checked {split['sample']['images']} of {split['sample']['of']} "
-              f"images, stratified by class")
-    print(f"{split['root']}: {len(split['classes'])} classes; train {split['counts']['train']}, "
-          f"val {split['counts']['val']}, test {split['counts']['test']}; {len(split['skipped'])} unreadable")
+    if _is_segmentation_data(args):
+        from rsedge.trainer.segdata import SegLayout, make_segmentation_split
+
+        layout = SegLayout(images=args.images, masks=args.masks, colormap=args.colormap)
+        split = make_segmentation_split(args.data, layout, val=args.val, test=args.test, seed=args.seed)
+        _print_segmentation_split(split)
+    else:
+        split = make_split(args.data, val=args.val, test=args.test, seed=args.seed, fraction=args.fraction)
+        if "sample" in split:
+            print(f"--fraction {args.fraction:g}: checked {split['sample']['images']} of {split['sample']['of']} "
+                  f"images, stratified by class")
+        print(f"{split['root']}: {len(split['classes'])} classes; train {split['counts']['train']}, "
+              f"val {split['counts']['val']}, test {split['counts']['test']}; {len(split['skipped'])} unreadable")
     for s in split["skipped"][:20]:
         print(f"  unreadable: {s['path']} ({s['error']})")
     if args.out:
@@ -79,9 +137,11 @@ def cmd_models(args) -> int:
 def cmd_train(args) -> int:
     from rsedge.trainer.run import TrainOptions, train_run
 
+    layout = {k: getattr(args, k) for k in ("images", "masks", "colormap") if getattr(args, k)}
     options = TrainOptions(img_size=args.img_size, cfg=_train_config(args), weights=args.weights,
                            partial_weights=args.partial_weights, val=args.val, test=args.test, split_file=args.split,
-                           resume=args.resume, exist_ok=args.exist_ok, progress=not args.quiet)
+                           layout=layout or None, overlap=args.overlap, resume=args.resume, exist_ok=args.exist_ok,
+                           progress=not args.quiet)
     train_run(args.data, args.model, args.out, options)
     print(f"model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
@@ -147,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parsers(sub)
     _add_model_parsers(sub)
     add_compress_parsers(sub, _Formatter, _add_training_options)
+    add_quantize_parser(sub, _Formatter)
     _add_export_parsers(sub)
     _add_tool_parsers(sub)
     return p
@@ -156,19 +217,28 @@ def _add_data_parsers(sub) -> None:
     """`rsedge data synth` and `rsedge data check`."""
     d = sub.add_parser("data", help="make or check datasets", formatter_class=_Formatter)
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
-    s = dsub.add_parser("synth", help="write the synthetic land-cover dataset (demo and tests)",
-                        formatter_class=_Formatter)
-    s.add_argument("--out", required=True, help="folder to write <class>/<image>.png into")
-    s.add_argument("--per-class", type=int, default=100, help="images per class")
-    s.add_argument("--size", type=int, default=64, help="image side in pixels")
+    s = dsub.add_parser("synth", help="write a synthetic dataset: land-cover classes, or aerial scenes with masks "
+                        "(demo and tests)", formatter_class=_Formatter)
+    s.add_argument("--out", required=True, help="folder to write into: <class>/<image>.png (classify), or "
+                   "images/, masks/ (colour-coded) and class_dict.csv (segment)")
+    s.add_argument("--task", choices=("classify", "segment"), default="classify",
+                   help="classify: one folder per land-cover class; segment: scenes of fields, roads, buildings "
+                   "and water with their masks")
+    s.add_argument("--per-class", type=int, default=100, help="classify: images per class")
+    s.add_argument("--images", type=int, default=48, help="segment: number of scenes")
+    s.add_argument("--size", type=int, default=None, help="image side in pixels (default: 64 classify, 128 segment)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same images")
     s.add_argument("--exist-ok", action="store_true",
                    help="write into a folder that holds an earlier `data synth` output (its images are deleted "
                    "first); a folder with anything else in it is always refused")
     s.set_defaults(func=cmd_data_synth)
-    c = dsub.add_parser("check", help="scan an image-folder dataset: classes, split sizes, unreadable files",
-                        formatter_class=_Formatter)
-    c.add_argument("--data", required=True, help="dataset root (one folder per class)")
+    c = dsub.add_parser("check", help="scan a dataset: classes, split sizes, unreadable files (segmentation: "
+                        "pixels per class and ignored pixels)", formatter_class=_Formatter)
+    c.add_argument("--data", required=True, help="dataset root: one folder per class, or images and masks (a "
+                   "segmentation layout is recognized)")
+    c.add_argument("--images", help="segmentation: name of the image folders when not found by convention")
+    c.add_argument("--masks", help="segmentation: name of the mask folders when not found by convention")
+    c.add_argument("--colormap", help="segmentation: colour map of colour-coded masks (CSV name,r,g,b or JSON)")
     c.add_argument("--val", type=float, default=0.1, help="validation fraction per class")
     c.add_argument("--test", type=float, default=0.2, help="test fraction per class")
     c.add_argument("--seed", type=int, default=0, help="split seed")
@@ -185,11 +255,24 @@ def _add_model_parsers(sub) -> None:
     m.add_argument("--classes", type=int, default=10, help="number of classes of the head")
     m.set_defaults(func=cmd_models)
 
-    t = sub.add_parser("train", help="train a classifier on an image-folder dataset", formatter_class=_Formatter)
-    t.add_argument("--data", required=True, help="dataset root: one folder per class (jpg, png, tif)")
+    t = sub.add_parser("train", help="train a classifier or a segmentation model (the architecture says which)",
+                       formatter_class=_Formatter, epilog=TRAIN_EPILOG)
+    t.add_argument("--data", required=True, help="dataset root: one folder per class (classification), or images "
+                   "and masks in parallel folders (segmentation)")
     t.add_argument("--model", required=True, help="architecture name (see `rsedge models`)")
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--img-size", type=int, default=64, help="input side in pixels (EuroSAT is 64)")
+    t.add_argument("--img-size", type=int, default=64,
+                   help="input side in pixels (EuroSAT is 64); segmentation: the window cut from the tiles, a "
+                   "multiple of 32")
+    seg = t.add_argument_group("segmentation data (later stages reuse them from the model file)")
+    seg.add_argument("--images", help="name of the image folders when not found by convention (images, JPEGImages)")
+    seg.add_argument("--masks", help="name of the mask folders when not found by convention (masks, labels, "
+                     "SegmentationClass)")
+    seg.add_argument("--colormap", help="colour map of colour-coded masks: CSV name,r,g,b (class_dict.csv) or JSON; "
+                     "default: class_dict.csv at the dataset root; none: masks hold class indices")
+    seg.add_argument("--overlap", type=int, default=None,
+                     help="pixels shared by neighbouring windows, in training patches and in sliding-window "
+                     "evaluation (default: a quarter of --img-size)")
     t.add_argument("--weights", help="initial weights: a local .safetensors or state-dict .pth (never downloaded)")
     t.add_argument("--partial-weights", action="store_true",
                    help="accept --weights of which fewer than 90 %% of the model's tensors (head excluded) load, "

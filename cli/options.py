@@ -48,6 +48,8 @@ def add_training_options(p: argparse.ArgumentParser, epochs: int, sgd_lr: float 
     g.add_argument("--step-gamma", type=float, default=0.1, help="decay factor of the step schedule")
     g.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up epochs")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--dice", type=float, default=0.0, metavar="W",
+                   help="segmentation: add W x soft Dice loss to the cross-entropy (0: cross-entropy only)")
     g.add_argument("--seed", type=int, default=0, help="seed for the split, initialization and data order")
     add_fraction_option(g, "the training part of the split (validation and test stay whole)")
     g.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
@@ -73,5 +75,5 @@ def train_config(args):
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
         step_milestones=tuple(args.step_milestones), step_gamma=args.step_gamma, seed=args.seed,
         workers=args.workers, amp=not args.no_amp, device=args.device, label_smoothing=args.label_smoothing,
-        fraction=args.fraction,
+        dice=args.dice, fraction=args.fraction,
     )

@@ -92,6 +92,8 @@ def channel_attention(
             for x, y in it:
                 x, y = to_device(x, device), to_device(y, device)
                 value = loss_fn(model(x), y, x)
+                if not torch.isfinite(value):  # no labelled target in the batch: nothing to learn from
+                    continue
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 opt.step()

@@ -12,6 +12,7 @@ from rsedge.trainer.tasks import task_for
 from rsedge.trainer.train import LossFn, TrainConfig, pick_device
 
 from .losses import adaptive_mining_loss, distillation_loss
+from .msb_fixed import check_not_quantized
 
 LOSSES = ("ce", "aml")
 PRESETS = {
@@ -66,6 +67,7 @@ def finetune_run(model_file: str | Path, data: str | Path, out: str | Path, opti
     if done is not None:
         return done
     model, meta = load_model(model_file)
+    check_not_quantized(meta, "fine-tune")
     d = stage.data(stage.model_split(meta, data, cfg.seed), meta, cfg)
     loss_fn = adaptive_loss(o.aml_r) if o.loss == "aml" else None
     teacher_info = None

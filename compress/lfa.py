@@ -2,8 +2,9 @@
 
 FA(D) = 1/k sum_images sum(F * M): the activation of the feature map F inside the target region
 M; L_FA = 1 - FA_pruned / FA_sparse. The paper reads F at each detection layer and M from the
-boxes. We read F at the last feature map (the input of the global pooling), and the task gives
-M (`Task.target_regions`, any {0,1} map at F's size): for classification the class-activation
+boxes. We read F at the last feature map (the input of the global pooling; for a segmentation
+model, which has none, the map its classifier conv reads), and the task gives M
+(`Task.target_regions`, any {0,1} map at F's size): for classification the class-activation
 map of the *sparse* model for the image's label, thresholded at its mean (Grad-CAM weights make
 this the classic CAM for a pooling + linear head and keep it defined for VGG's MLP head);
 detection and segmentation give their boxes or masks.
@@ -13,7 +14,7 @@ the slimmed model would (see `compress.slim`), so a search costs forward passes,
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,18 +26,33 @@ from rsedge.trainer.modelfile import trace
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d)
 
 
-def feature_model(model: nn.Module, copy: bool = True) -> nn.Module:
+def _head_input(gm, head: Sequence[str] | None):
+    """The node a dense model's head reads: the input of its last declared head module (DeepLabV3+:
+    the decoder's stride-4 map; LR-ASPP: its high-level branch), or None."""
+    if head is None:
+        from rsedge.trainer.models import model_spec
+
+        spec = model_spec(gm)
+        head = spec.head if spec is not None else ()
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in set(head)]
+    calls = [n for n in calls if n.target == head[-1]] or calls
+    return calls[0].args[0] if calls else None
+
+
+def feature_model(model: nn.Module, copy: bool = True, head: Sequence[str] | None = None) -> nn.Module:
     """A traced `model` (a copy unless `copy=False`) whose output is (logits, F), F the map
-    before global pooling."""
+    before global pooling; a model without one (segmentation) gives the map its head reads
+    (`head`: module names, default the model spec's)."""
     import copy as _copy
 
     gm = trace(_copy.deepcopy(model) if copy else model)
     graph = gm.graph
     flat = next((n for n in graph.nodes if n.op == "call_function" and n.target is torch.flatten), None)
-    if flat is None:
-        raise ValueError("no flatten in the model's graph: cannot find the feature map before the head")
-    node = flat.args[0]
-    while True:
+    node = flat.args[0] if flat is not None else _head_input(gm, head)
+    if node is None:
+        raise ValueError("no flatten and no declared head in the model's graph: cannot find the feature map "
+                         "before the head")
+    while flat is not None:
         pooled = (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _POOLS)) or (
             node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.avg_pool2d))
         if not pooled:

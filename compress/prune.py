@@ -27,6 +27,7 @@ from rsedge.trainer.tasks import task_for
 from .counting import count_macs, count_params
 from .importance import Criterion, get_criterion
 from .methods import METHOD_SPECS, METHODS, THRESHOLD_METHODS, MethodSpec, method_spec
+from .msb_fixed import check_not_quantized
 from .plan import build_units, layer_table, select
 from .slim import apply_plan, compensate, conv_widths, masked_copy
 
@@ -184,10 +185,13 @@ class _Data:
         self.train_eval, _ = subsample_dataset(self.train_eval, o.fraction, o.seed)
         self.seed, self.batch_size, self.workers = o.seed, o.batch_size, o.workers
 
-    def loader(self, ds, shuffle: bool, epoch: int = 0):
+    def loader(self, ds, shuffle: bool, epoch: int = 0, train: bool = False):
+        """`train`: batches that train BatchNorm (CAP with its network): never a batch of one,
+        which a BatchNorm over a 1x1 map (DeepLabV3+'s ASPP pooling branch) cannot normalize."""
         from rsedge.trainer.train import make_loader
 
-        return make_loader(ds, self.batch_size, shuffle, self.seed, epoch, self.workers, collate=self.task.collate)
+        return make_loader(ds, self.batch_size, shuffle, self.seed, epoch, self.workers, drop_last=train,
+                           min_batch=2 if train else 1, collate=self.task.collate)
 
     def tensors(self, ds, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed)
@@ -235,7 +239,7 @@ def _cap_criterion(model: nn.Module, data: _Data, o: PruneOptions, device, log) 
 
         def __iter__(self):
             self.epoch += 1
-            return iter(data.loader(data.train, shuffle=True, epoch=self.epoch))
+            return iter(data.loader(data.train, shuffle=True, epoch=self.epoch, train=o.cap_train_model))
 
     s_bar, info = channel_attention(model, bns, _Epochs(), sample_batches, epochs=o.cap_epochs, lr=o.cap_lr,
                                     train_model=o.cap_train_model, device=device, seed=data.seed,
@@ -429,6 +433,8 @@ class PruneOptions:
         o.check_data()
         if o.steps < 1:
             raise ValueError("--steps must be at least 1")
+        if o.step_epochs < 0:
+            raise ValueError("--step-epochs must be 0 (no fine-tuning between steps, as seed 002) or more")
         if o.steps > 1 and ((o.ratio is None and not o.budget) or o.coupling != "shared"):
             raise ValueError("--steps > 1 needs --ratio (or a --target-*) and --coupling shared")
         return o
@@ -437,7 +443,7 @@ class PruneOptions:
         if self.data is not None:
             return
         why = (f"--method {self.method}" if self.spec.data else "--target-lfa" if self.target_lfa is not None
-               else "--steps > 1 (fine-tuning between steps)" if self.steps > 1 else None)
+               else "--steps > 1 (fine-tuning between steps)" if self.steps > 1 and self.step_epochs > 0 else None)
         if why is not None:
             raise ValueError(f"{why} needs --data DIR: the training data folder (its training split is read)")
 
@@ -518,7 +524,7 @@ class _Pruning:
         comp_inputs = self.compensation_inputs()
         for k in range(1, o.steps + 1):
             report = self.step(k, comp_inputs if k == o.steps else None)
-            if k < o.steps:
+            if k < o.steps and o.step_epochs > 0:  # 0: the paper's schedule, retraining only at the end
                 self.finetune(k)
         return report
 
@@ -598,19 +604,22 @@ def prune_run(model_file: str | Path, out: str | Path, options: PruneOptions | N
     o = o.checked(log)
     stage = Stage("prune", out, exist_ok=o.exist_ok, progress=o.progress, log=log)
     model, meta = load_model(model_file)
+    check_not_quantized(meta, "prune")
     if meta.get("layout", {}).get("graph"):
         raise ValueError("this model was already pruned with --coupling reconstruct; prune the unpruned model instead")
     warnings = sparse_warnings(o.spec, o, meta, log)
     run = _Pruning(model, meta, o, stage.out, log)
     report = run.report(run.run(), warnings)
     evaluation = eval_run_quiet(stage.out, o.data, run.model, meta, log) if o.data is not None else None
+    # the task's primary metric: val_top1_before_finetune for a classifier, val_miou_... for segmentation
+    eval_key = f"{task_for(meta).metric_key('val')}_before_finetune"
     parameters = o.parameters(run.ratio, report["threshold"])
     source = str(Path(model_file).resolve())
     new_meta = derive_meta(
         meta, "prune",
         history_entry={**{k: v for k, v in parameters.items()
                           if v not in (None, [], False) and not (k == "fraction" and v == 1)}, "source": source},
-        metrics={"val_top1_before_finetune": evaluation} if evaluation is not None else {},
+        metrics={eval_key: evaluation} if evaluation is not None else {},
     )
     path = save_model(stage.model_path, run.model, new_meta)
     stage.record({
@@ -620,7 +629,7 @@ def prune_run(model_file: str | Path, out: str | Path, options: PruneOptions | N
         "steps": run.steps,
         "feature_attention": run.lfa_info,
         "fraction": run.data.fraction if run.data is not None else None,
-        "val_top1_before_finetune": evaluation,
+        eval_key: evaluation,
         "outputs": {"model": path.name},
     })
     return report
@@ -639,7 +648,8 @@ def _threshold_notes(report: dict[str, Any], log: Callable[[str], None]) -> list
 
 
 def eval_run_quiet(out: Path, data, model: nn.Module, meta: dict[str, Any], log) -> float | None:
-    """Validation accuracy right after pruning (before fine-tuning), when the model's split is at hand."""
+    """The task's primary validation metric right after pruning (before fine-tuning), when the
+    model's split is at hand."""
     from rsedge.trainer.datasets import load_split
     from rsedge.trainer.stage import evaluate_model, model_split
 
@@ -658,5 +668,5 @@ def eval_run_quiet(out: Path, data, model: nn.Module, meta: dict[str, Any], log)
     task = task_for(meta)
     acc = evaluate_model(model, task.eval_dataset(split["root"], split["val"], meta), meta)[task.primary_metric]
     model.cpu()
-    log(f"validation top-1 right after pruning: {acc:.4f}")
+    log(f"validation {task.primary_metric} right after pruning: {acc:.4f}")
     return acc

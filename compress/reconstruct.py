@@ -29,6 +29,15 @@ _UNARY_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReL
 _UNARY_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.silu, F.hardswish, F.gelu, F.adaptive_avg_pool2d,
                     F.avg_pool2d, F.max_pool2d, F.dropout)
 _UNARY_METHODS = ("relu", "relu_")
+_SHAPE_METHODS = ("size", "dim")
+
+
+def _shape_read(node) -> bool:
+    """`x.shape`, `x.size()`, `x.dim()`: reads the shape, not the channels (an ASPP pooling
+    branch or LR-ASPP sizing its upsampling by a residual tensor), so no channel flows through."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] == "shape"
+    return node.op == "call_method" and node.target in _SHAPE_METHODS
 
 
 def _unary_module(m: nn.Module) -> bool:
@@ -123,7 +132,7 @@ def analyze(model: nn.Module, example: torch.Tensor, groups: list, names: dict[n
                 reach[node.name] = frozenset([node.target])
                 continue
             ins = [a for a in node.all_input_nodes if a.name in reach]
-            if not ins:
+            if not ins or _shape_read(node):
                 continue
             kind = _kind(gm, node, shapes)
             if kind == "consumer":
@@ -147,7 +156,7 @@ def analyze(model: nn.Module, example: torch.Tensor, groups: list, names: dict[n
                 continue
             if kind in ("bn", "unary", "depthwise") and len(ins) == 1:
                 reach[node.name] = reach[ins[0].name]
-                if kind != "unary":
+                if kind == "bn" or (kind == "depthwise" and gm.get_submodule(node.target).bias is not None):
                     stateful.append((node.format_node(), reach[node.name]))
                 continue
             problems.append(node.format_node())
@@ -161,7 +170,9 @@ def analyze(model: nn.Module, example: torch.Tensor, groups: list, names: dict[n
         for p in producers:
             clusters.setdefault(find(p), []).append(p)
         for text, r in stateful:
-            if len({find(p) for p in r}) > 1:  # a BatchNorm after an add maps a removed zero to its shift
+            # a BatchNorm (or a biased depthwise conv) after an add maps a removed zero to its shift;
+            # a depthwise conv without bias (DeepLabV3+'s separable ASPP convs) keeps it zero
+            if len({find(p) for p in r}) > 1:
                 raise NotImplementedError(f"--coupling reconstruct cannot rewrite the residual channels of "
                                           f"{producers[0]}: {text} follows an add; use --coupling shared")
         if len(clusters) > 1:
@@ -279,7 +290,7 @@ def apply(model: nn.Module, kept: dict[str, list[int]]) -> tuple[nn.Module, list
             idx[node.name] = list(kept[node.target])
             continue
         ins = [a for a in node.all_input_nodes if a.name in idx]
-        if not ins:
+        if not ins or _shape_read(node):
             continue
         if node.op == "call_module":
             m = gm.get_submodule(node.target)

@@ -159,6 +159,7 @@ def sparse_train_run(model_file: str | Path, data: str | Path, out: str | Path, 
     """The `sparse-train` stage: train on the model's split with the sparsity penalty, record the
     sparsity per phase (l1rr) or per epoch (slimming). A run already in `out` is refused unless
     `resume` or `exist_ok`; `fields` replace those of `options`."""
+    from rsedge.compress.msb_fixed import check_not_quantized
     from rsedge.trainer.modelfile import derive_meta, load_model
     from rsedge.trainer.stage import TRAINING_OUTPUTS, Stage, build_options
     from rsedge.trainer.train import TrainConfig
@@ -178,6 +179,7 @@ def sparse_train_run(model_file: str | Path, data: str | Path, out: str | Path, 
     if done is not None:
         return done
     model, meta = load_model(model_file)
+    check_not_quantized(meta, "sparse-train")
     if meta.get("layout", {}).get("graph"):
         raise ValueError("this model was pruned with --coupling reconstruct; sparse-train the unpruned model")
     d = stage.data(stage.model_split(meta, data, cfg.seed), meta, cfg)

@@ -35,7 +35,10 @@ def taylor_scores(
     loss: LossFn | None = None,
 ) -> dict[nn.Module, torch.Tensor]:
     """Phi per output channel of every conv and linear layer; `batches` yield (inputs, targets)
-    and `loss(outputs, targets, inputs)` is the scalar differentiated (default: cross-entropy)."""
+    and `loss(outputs, targets, inputs)` is the scalar differentiated (default: cross-entropy):
+    any task's targets (class indices, masks (N, H, W) with an ignore label...). A batch whose
+    loss is not finite (a per-pixel cross-entropy over a batch with no labelled pixel is NaN) is
+    skipped rather than turning every score into NaN."""
     from rsedge.trainer.train import to_device
 
     loss_fn = loss or default_loss()
@@ -52,14 +55,18 @@ def taylor_scores(
 
         it = tqdm(batches, desc="taylor scores", unit="batch", leave=False,
                   total=max_batches if max_batches else None)
-    n = 0
+    n = seen = 0
     try:
         for x, y in it:
-            if max_batches is not None and n >= max_batches:
+            if max_batches is not None and seen >= max_batches:
                 break
+            seen += 1
             model.zero_grad(set_to_none=True)
             x, y = to_device(x, device), to_device(y, device)
-            loss_fn(model(x), y, x).backward()
+            value = loss_fn(model(x), y, x)
+            if not torch.isfinite(value):  # e.g. a mask batch whose every pixel is the ignore label
+                continue
+            value.backward()
             for m in layers:
                 if m.weight.grad is not None:
                     phi = (m.weight.grad * m.weight).detach().flatten(1).mean(1).abs()
@@ -71,5 +78,6 @@ def taylor_scores(
             p.requires_grad_(req)
         model.train(was_training)
     if n == 0:
-        raise ValueError("Taylor scores need at least one batch of training images")
+        why = f" ({seen} batch(es) gave no finite loss: every target ignored?)" if seen else ""
+        raise ValueError(f"Taylor scores need at least one batch of training images{why}")
     return {m: (v / n).float() for m, v in acc.items()}

@@ -36,7 +36,8 @@ INT8_CPU_NAME = "model_int8_cpu.onnx"
 INT8_VARIANTS = {"int8": ("int8-qdq", INT8_NAME), "int8_cpu": ("int8-cpu", INT8_CPU_NAME)}
 GUARD_KEYS = ("status", "reason", "target", "precision", "fp32_top1", "int8_top1", "fp32_correct", "int8_correct",
               "images_lost", "drop_points", "max_drop", "budget_images", "resolution_points", "resolves_budget",
-              "validation_images", "kept_in_float", "quantized_nodes", "quantizable_nodes", "quantized_fraction")
+              "validation_images", "kept_in_float", "quantized_nodes", "quantizable_nodes", "quantized_fraction",
+              "metric", "fp32_miou", "int8_miou")
 
 
 def write_eval_set(out: Path, root: Path, items: list, meta: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def write_eval_set(out: Path, root: Path, items: list, meta: dict[str, Any]) -> 
     for name, array in payload["targets"].items():
         np.save(out / "eval" / name, array)
         entry[Path(name).stem] = f"eval/{name}"
-    entry["count"] = int(len(payload["images"]))
+    entry["count"] = int(payload.get("count", len(payload["images"])))
     return entry
 
 

@@ -198,33 +198,95 @@ def _counted(predictions: np.ndarray, labels: np.ndarray) -> int:
     return int(tally.result()["correct"])
 
 
-class _Attempts:
-    """Quantizations of one pre-processed graph for one target, each scored in whole images."""
+class ImageScorer:
+    """Classification: top-1 counted in whole validation images, the budget in images lost."""
 
-    def __init__(self, pre: Path, calib: np.ndarray, val_images: np.ndarray, val_labels: np.ndarray,
-                 fp32_correct: int, budget: int | None, method: str, target: str, log: Callable[[str], None]):
-        self.pre, self.calib, self.images, self.labels = pre, calib, val_images, val_labels
-        self.fp32_correct, self.budget, self.method, self.target, self.log = fp32_correct, budget, method, target, log
+    def __init__(self, fp32_onnx: str | Path, images: np.ndarray, labels: np.ndarray, max_drop: float | None,
+                 fp32_predictions: np.ndarray | None, log: Callable[[str], None]):
+        self.images, self.labels, self.n = images, labels, int(len(labels))
+        self.budget = guard_budget(max_drop, self.n, log)
+        self.fp32 = (correct_images(fp32_onnx, images, labels) if fp32_predictions is None
+                     else _counted(fp32_predictions, labels))
+
+    def score(self, path: Path) -> dict[str, Any]:
+        n, correct = self.n, correct_images(path, self.images, self.labels)
+        lost = self.fp32 - correct
+        budget = self.budget["budget_images"]
+        return {"int8_correct": correct, "int8_top1": correct / n if n else 0.0, "images_lost": lost,
+                "drop_points": 100 * lost / n if n else 0.0, "within_budget": budget is None or lost <= budget,
+                "score": correct}
+
+    def describe(self, a: dict[str, Any]) -> str:
+        return (f"top-1 {a['int8_correct']}/{self.n} (FP32 {self.fp32}/{self.n}), {a['images_lost']} image(s) lost "
+                f"= {a['drop_points']:.2f} points")
+
+    def record(self, best: dict[str, Any]) -> dict[str, Any]:
+        n = self.n
+        return {"fp32_top1": self.fp32 / n if n else 0.0, "fp32_correct": self.fp32, "int8_top1": best["int8_top1"],
+                "int8_correct": best["int8_correct"], "images_lost": best["images_lost"], **self.budget}
+
+    def shortfall(self, best: dict[str, Any], max_drop: float | None) -> str:
+        return (f"no attempt met --max-drop {max_drop} ({self.budget['budget_images']} of {self.n} images): the best "
+                f"lost {best['images_lost']} image(s) ({best['drop_points']:.2f} points)")
+
+
+class MeanIoUScorer:
+    """Segmentation: mean IoU over the validation windows by the runtime's accumulator, the budget in
+    mIoU points (a pixel metric: no whole-image rounding applies)."""
+
+    def __init__(self, fp32_onnx: str | Path, images: np.ndarray, masks: np.ndarray, max_drop: float | None,
+                 metadata: dict[str, Any]):
+        if max_drop is not None and max_drop < 0:
+            raise ValueError(f"--max-drop must be at least 0 points, not {max_drop}")
+        self.images, self.masks, self.n, self.max_drop = images, masks, int(len(masks)), max_drop
+        self.metadata = metadata
+        if max_drop is not None and self.n == 0:
+            raise ValueError("the INT8 accuracy guard needs labeled validation images")
+        self.fp32 = self._miou(fp32_onnx)
+
+    def _miou(self, path: str | Path) -> float:
+        if not self.n:
+            return 0.0
+        return float(evaluate_onnx(path, self.images, self.masks, task="segmentation",
+                                   metadata=self.metadata)["miou"] or 0.0)
+
+    def score(self, path: Path) -> dict[str, Any]:
+        miou = self._miou(path)
+        drop = 100 * (self.fp32 - miou)
+        return {"int8_miou": miou, "drop_points": drop, "score": miou,
+                "within_budget": self.max_drop is None or drop <= self.max_drop + 1e-9}
+
+    def describe(self, a: dict[str, Any]) -> str:
+        return f"mIoU {100 * a['int8_miou']:.2f} % (FP32 {100 * self.fp32:.2f} %) = {a['drop_points']:.2f} points"
+
+    def record(self, best: dict[str, Any]) -> dict[str, Any]:
+        return {"metric": "miou", "fp32_miou": self.fp32, "int8_miou": best["int8_miou"]}
+
+    def shortfall(self, best: dict[str, Any], max_drop: float | None) -> str:
+        return (f"no attempt met --max-drop {max_drop} mIoU points on {self.n} validation windows: the best lost "
+                f"{best['drop_points']:.2f} points")
+
+
+class _Attempts:
+    """Quantizations of one pre-processed graph for one target, each scored by the task's scorer."""
+
+    def __init__(self, pre: Path, calib: np.ndarray, scorer: Any, method: str, target: str,
+                 log: Callable[[str], None]):
+        self.pre, self.calib, self.scorer = pre, calib, scorer
+        self.method, self.target, self.log = method, target, log
         self.all: list[dict[str, Any]] = []
 
     def run(self, excluded: list[str]) -> dict[str, Any]:
-        n = len(self.labels)
         path = self.pre.with_name(f"q{len(self.all)}.onnx")
         info = quantize_qdq(self.pre, path, self.calib, self.method, exclude_nodes=excluded, preprocess=False,
                             target=self.target, log=self.log)
-        correct = correct_images(path, self.images, self.labels)
-        lost = self.fp32_correct - correct
-        a = {"n": len(self.all) + 1, "excluded": list(excluded), "int8_correct": correct,
-             "int8_top1": correct / n if n else 0.0, "images_lost": lost,
-             "drop_points": 100 * lost / n if n else 0.0,
-             "within_budget": self.budget is None or lost <= self.budget,
+        a = {"n": len(self.all) + 1, "excluded": list(excluded), **self.scorer.score(path),
              "quantized_nodes": info["quantized_nodes"], "quantizable_nodes": info["quantizable_nodes"],
              "path": path, "info": info}
         self.all.append(a)
-        if n:
+        if self.scorer.n:
             self.log(f"INT8 ({self.target}) attempt {a['n']}: {len(excluded)} node(s) in float, "
-                     f"{a['quantized_nodes']}/{a['quantizable_nodes']} compute nodes int8, top-1 {correct}/{n} "
-                     f"(FP32 {self.fp32_correct}/{n}), {lost} image(s) lost = {a['drop_points']:.2f} points")
+                     f"{a['quantized_nodes']}/{a['quantizable_nodes']} compute nodes int8, {self.scorer.describe(a)}")
         return a
 
     def search(self, sensitivity_images: int) -> list[dict[str, Any]]:
@@ -245,17 +307,15 @@ class _Attempts:
     def choose(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """(the attempt to ship or None, the attempt the record describes)."""
         chosen = next((a for a in self.all if a["within_budget"] and a["quantized_nodes"] > 0), None)
-        best = chosen or max(self.all, key=lambda a: (a["within_budget"], a["int8_correct"], a["quantized_nodes"]))
+        best = chosen or max(self.all, key=lambda a: (a["within_budget"], a["score"], a["quantized_nodes"]))
         return chosen, best
 
 
-def _rejection(best: dict[str, Any], max_drop: float | None, budget: dict[str, Any], n: int) -> str:
+def _rejection(best: dict[str, Any], max_drop: float | None, scorer: Any) -> str:
     if best["within_budget"]:
         return ("every compute node had to stay in float to meet the budget: the file would hold no int8"
                 if best["excluded"] else "quantization put no compute node in int8")
-    return (f"no attempt met --max-drop {max_drop} ({budget['budget_images']} of {n} images): the best lost "
-            f"{best['images_lost']} image(s) ({best['drop_points']:.2f} points) with {len(best['excluded'])} "
-            "node(s) in float")
+    return f"{scorer.shortfall(best, max_drop)} with {len(best['excluded'])} node(s) in float"
 
 
 @dataclass
@@ -268,6 +328,8 @@ class GuardOptions:
     method: str = "minmax"
     sensitivity_images: int = 32
     target: str = "tensorrt"
+    task: str = "classification"  # segmentation: the drop is in mIoU points, val_labels are masks
+    metadata: dict[str, Any] | None = None  # the model's rsedge.* table (segmentation: classes, ignore label)
 
 
 def quantize_with_guard(
@@ -294,17 +356,14 @@ def quantize_with_guard(
     o = build_options(GuardOptions, options, fields)
     max_drop, method, target = o.max_drop, o.method, o.target
     out_path = Path(out_path)
-    n = int(len(val_labels))
-    budget = guard_budget(max_drop, n, log)
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         preprocess_for_quantization(fp32_onnx, pre, log)
-        if fp32_predictions is None:
-            fp32_correct = correct_images(fp32_onnx, val_images, val_labels)
+        if o.task == "segmentation":
+            scorer: Any = MeanIoUScorer(fp32_onnx, val_images, val_labels, max_drop, o.metadata or {})
         else:
-            fp32_correct = _counted(fp32_predictions, val_labels)
-        attempts = _Attempts(pre, calib, val_images, val_labels, fp32_correct, budget["budget_images"], method, target,
-                             log)
+            scorer = ImageScorer(fp32_onnx, val_images, val_labels, max_drop, fp32_predictions, log)
+        attempts = _Attempts(pre, calib, scorer, method, target, log)
         sensitivity = attempts.search(o.sensitivity_images)
         chosen, best = attempts.choose()
         if chosen is not None:
@@ -314,20 +373,15 @@ def quantize_with_guard(
     return {
         **best["info"],
         "status": "written" if chosen is not None else "rejected",
-        "reason": None if chosen is not None else _rejection(best, max_drop, budget, n),
+        "reason": None if chosen is not None else _rejection(best, max_drop, scorer),
         "file": out_path.name if chosen is not None else None,
         "precision": int8_metadata(target, coverage)["rsedge.precision"] if chosen is not None else None,
-        "fp32_top1": fp32_correct / n if n else 0.0,
-        "fp32_correct": fp32_correct,
-        "int8_top1": best["int8_top1"],
-        "int8_correct": best["int8_correct"],
-        "images_lost": best["images_lost"],
+        **scorer.record(best),
         "drop_points": best["drop_points"],
         "max_drop": max_drop,
-        **budget,
         "within_budget": best["within_budget"],
         "kept_in_float": best["excluded"],
         "attempts": [{k: v for k, v in a.items() if k not in ("path", "info")} for a in attempts.all],
         "sensitivity": [{k: r[k] for k in ("node", "op", "sqnr_db", "worst_tensor")} for r in sensitivity[:50]],
-        "validation_images": n,
+        "validation_images": scorer.n,
     }

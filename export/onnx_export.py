@@ -188,12 +188,13 @@ def predict_onnx(path: str | Path, images: np.ndarray, task: str | None = None, 
 
 
 def evaluate_onnx(path: str | Path, images: np.ndarray, targets: Any, task: str | None = None,
-                  batch: int = 32) -> dict[str, Any]:
+                  batch: int = 32, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """The task's metrics of an ONNX file on preprocessed images, by the runtime's evaluation (its
-    accumulator counts: "correct" and "top1" for classification): the INT8 guard and the demo use it."""
+    accumulator counts: "correct" and "top1" for classification; "miou" for segmentation windows):
+    the INT8 guard and the demo use it. `metadata`: the model's classes when the file may lack them."""
     with onnx_runner(path) as runner:
-        return evaluate_arrays(runner, images, targets, batch=batch, task=device_tasks.get_task(
-            task or device_tasks.DEFAULT_TASK))
+        return evaluate_arrays(runner, images, targets, batch=batch, class_names=(metadata or {}).get("classes"),
+                               task=device_tasks.get_task(task or device_tasks.DEFAULT_TASK))
 
 
 @torch.no_grad()

@@ -12,8 +12,10 @@
 """
 from __future__ import annotations
 
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,15 +76,36 @@ class _ArrayReader:
         self.pos = 0
 
 
+@contextmanager
+def _in_scratch_dir() -> Iterator[None]:
+    """Run in a temporary working directory (contextlib.chdir needs Python 3.11)."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(here)
+
+
 def preprocess_for_quantization(src: str | Path, dst: str | Path, log: Callable[[str], None] = print) -> None:
-    """onnxruntime's recommended pass (shape inference, graph optimization) before quantizing."""
+    """onnxruntime's recommended pass (shape inference, graph optimization) before quantizing. Its
+    symbolic shape inference gives up on some graphs (DeepLabV3+'s resizes) and then dumps
+    `sym_shape_infer_temp.onnx` and its weights into the current directory: it runs in a temporary
+    one, and the pass is retried with ONNX's own shape inference."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
-    except Exception as e:  # noqa: BLE001 - the pass is an optimization only
-        log(f"warning: quantization pre-processing failed ({e}); quantizing the graph as exported")
-        Path(dst).write_bytes(Path(src).read_bytes())
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    error = None
+    for skip_symbolic in (False, True):
+        with _in_scratch_dir():
+            try:
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+                return
+            except Exception as e:  # noqa: BLE001 - the pass is an optimization only
+                error = e
+    log(f"warning: quantization pre-processing failed ({error}); quantizing the graph as exported")
+    dst.write_bytes(src.read_bytes())
 
 
 def quantize_qdq(

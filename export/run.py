@@ -20,7 +20,8 @@ from rsedge.trainer.sampling import check_fraction, fraction_info, stratified_fr
 from rsedge.trainer.stage import RunDirKind, build_options, model_items, open_run_dir
 
 from .int8_guard import GuardOptions, quantize_with_guard
-from .onnx_export import DEFAULT_OPSET, export_onnx, parity, predict_onnx, run_onnx
+from .msb_onnx import int8_weight_onnx
+from .onnx_export import DEFAULT_OPSET, export_onnx, parity, predict_onnx, preprocess_spec, run_onnx
 from .onnx_graph import graph_stats
 
 # target -> (record key, file name); the TensorRT file keeps the name it always had
@@ -31,18 +32,19 @@ EXPORT_DIR = RunDirKind("an export", ("calib", "model.onnx", "model_int8*.onnx",
                         announce=False)
 
 
-def stratified_sample(items: Sequence[Sequence[Any]], n: int, seed: int = 0) -> list[tuple[str, int]]:
-    """`n` items with every class represented in proportion (all items when there are fewer)."""
-    items = [(str(a), int(b)) for a, b in items]
+def stratified_sample(items: Sequence[Sequence[Any]], n: int, seed: int = 0) -> list[tuple[str, Any]]:
+    """`n` items with every class represented in proportion (all items when there are fewer); items
+    whose target is no class index (a segmentation pair's mask) form one stratum."""
+    items = [(str(a), int(b) if isinstance(b, (int, np.integer)) else str(b)) for a, b in items]
     if n >= len(items):
         return items
-    by_class: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    by_class: dict[Any, list[tuple[str, Any]]] = defaultdict(list)
     for it in sorted(items):
-        by_class[it[1]].append(it)
+        by_class[it[1] if isinstance(it[1], int) else None].append(it)
     rng = random.Random(seed)
     for v in by_class.values():
         rng.shuffle(v)
-    picked: list[tuple[str, int]] = []
+    picked: list[tuple[str, Any]] = []
     quota = {c: n * len(v) / len(items) for c, v in by_class.items()}
     for c, v in by_class.items():
         picked.extend(v[: max(1, int(quota[c]))])
@@ -54,11 +56,13 @@ def stratified_sample(items: Sequence[Sequence[Any]], n: int, seed: int = 0) -> 
 def preprocess_items(
     root: str | Path, items: Sequence[Sequence[Any]], meta: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The images of `items` preprocessed as the task's evaluation does (float32 NCHW) and
-    their targets."""
+    """The samples of `items` at the model's input size, preprocessed as the task's evaluation does
+    (float32 NCHW; segmentation: a few windows of each image), and their targets."""
     from rsedge.trainer.tasks import stack_dataset, task_for
 
-    images, targets = stack_dataset(task_for(meta).eval_dataset(root, items, meta), meta["input_size"])
+    images, targets = stack_dataset(task_for(meta).tensor_dataset(root, items, meta), meta["input_size"])
+    if targets and hasattr(targets[0], "numpy"):
+        return images, np.stack([t.numpy() for t in targets])
     return images, np.asarray(targets) if targets else np.zeros(0, np.int64)
 
 
@@ -137,8 +141,9 @@ def export_run(model_file: str | Path, out: str | Path, options: ExportOptions |
     onnx_path = out / "model.onnx"
     info = export_onnx(model, meta, onnx_path, check, o.opset, o.dynamic_batch, o.simplifier, log)
     p = info["parity"]
+    agreement = "pixel agreement" if meta.get("task") == "segmentation" else "top-1 agreement"
     log(f"ONNX written to {onnx_path}: parity on {check_source}: max abs diff {p['max_abs_diff']:.2e}, "
-        f"top-1 agreement {p['top1_agreement']:.4f}")
+        f"{agreement} {p['top1_agreement']:.4f}")
     stats = graph_stats(onnx_path)
     torch_counts = {"params": count_params(model), "macs": count_macs(model, meta["input_size"])}
     record: dict[str, Any] = {
@@ -149,6 +154,8 @@ def export_run(model_file: str | Path, out: str | Path, options: ExportOptions |
     }
     if o.int8:
         record.update(export_int8(onnx_path, meta, o.data, check, o.int8_settings(), log))
+    # msb-fixed model (`rsedge quantize`): model.onnx -> int8 weights behind DequantizeLinear ({} otherwise)
+    record["onnx"].update(int8_weight_onnx(onnx_path, model, meta, check, log))
     write_record(out, "export", record)
     return record
 
@@ -162,8 +169,10 @@ def parity_set(meta: dict[str, Any], data: str | Path | None, n: int, log: Calla
         if src is None or src[1]:
             break
     if src is not None and src[1]:
-        check, _ = preprocess_items(src[0], stratified_sample(src[1], n, seed=1), meta)
-        return check, f"{len(check)} real images from {src[0]}"
+        items = stratified_sample(src[1], n, seed=1)
+        check, _ = preprocess_items(src[0], items, meta)
+        what = f"windows of {len(items)} images" if len(check) != len(items) else "images"
+        return check, f"{len(check)} real {what} from {src[0]}"
     h, w = meta["input_size"]
     check = np.random.default_rng(0).standard_normal((8, 3, h, w)).astype(np.float32)
     source = "8 random tensors (no image folder at hand: pass --data)"
@@ -171,19 +180,23 @@ def parity_set(meta: dict[str, Any], data: str | Path | None, n: int, log: Calla
     return check, source
 
 
+GUARDED_TASKS = ("classification", "segmentation")  # top-1 in whole images; mIoU points on windows
+
+
 def _guardable(meta: dict[str, Any]) -> bool:
-    """The accuracy guard counts classification top-1 in whole images; for another task its numbers
-    would mean nothing (a task-generic guard on the task's primary metric is still to come)."""
+    """The accuracy guard measures classification top-1 and segmentation mIoU; for another task
+    its numbers would mean nothing."""
     from rsedge.trainer.tasks import task_for
 
-    return task_for(meta).name == "classification"
+    return task_for(meta).name in GUARDED_TASKS
 
 
 def _guard_for_task(s: Int8Settings, meta: dict[str, Any], log: Callable[[str], None]) -> Int8Settings:
     """Another task's INT8 files are written unguarded, and the log says so."""
     if _guardable(meta) or s.max_drop is None:
         return s
-    log(f"warning: the INT8 accuracy guard measures classification top-1 only: the {meta.get('task')} model's INT8 "
+    log(f"warning: the INT8 accuracy guard measures classification top-1 and segmentation mIoU only: the "
+        f"{meta.get('task')} model's INT8 "
         f"files are written UNGUARDED (--max-drop {s.max_drop} ignored)")
     return dataclasses.replace(s, max_drop=None)
 
@@ -211,8 +224,9 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
         raise ValueError("--max-drop needs labeled validation images: the model's split, or --data DIR")
     else:
         val_x, val_y = check[:0], np.zeros(0, np.int64)
-    fp32_pred = (predict_onnx(onnx_path, val_x, meta.get("task")) if len(val_y)
-                 else np.zeros(0, np.int64))
+    task = meta.get("task") or "classification"
+    fp32_pred = (predict_onnx(onnx_path, val_x, task) if len(val_y) and task == "classification"
+                 else None)
     fp32_check = run_onnx(onnx_path, check)
     fp32_bytes = onnx_path.stat().st_size
     records = {}
@@ -220,13 +234,14 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
         key, name = INT8_OUTPUTS[target]
         q_path = out / name
         qinfo = quantize_with_guard(onnx_path, q_path, calib, val_x, val_y,
-                                    GuardOptions(max_drop=s.max_drop, method=s.calib_method, target=target),
+                                    GuardOptions(max_drop=s.max_drop, method=s.calib_method, target=target,
+                                                 task=task, metadata=preprocess_spec(meta)),
                                     log=log, fp32_predictions=fp32_pred)
         rec: dict[str, Any] = {**qinfo, "calibration_files": files, "calibration_pool": pool_info}
         if qinfo["status"] == "written":
             q_stats = graph_stats(q_path)
             rec.update(graph=q_stats, size_vs_fp32=q_stats["file_bytes"] / fp32_bytes,
-                       agreement_with_fp32=parity(fp32_check, run_onnx(q_path, check)))
+                       agreement_with_fp32=parity(fp32_check, run_onnx(q_path, check), task=task))
             _log_written(q_path, rec, log)
         else:
             log(f"warning: INT8 for {target} REJECTED, {name} not written: {qinfo['reason']}")
@@ -238,8 +253,12 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
 
 def _log_written(q_path: Path, rec: dict[str, Any], log: Callable[[str], None]) -> None:
     q, n = rec["quantized_nodes"], rec["quantizable_nodes"]
-    acc = (f", validation top-1 {rec['int8_correct']}/{rec['validation_images']} vs FP32 "
-           f"{rec['fp32_correct']}/{rec['validation_images']}" if rec["validation_images"] else "")
+    if rec.get("metric") == "miou":
+        acc = (f", validation mIoU {100 * rec['int8_miou']:.2f} % vs FP32 {100 * rec['fp32_miou']:.2f} % "
+               f"on {rec['validation_images']} windows" if rec["validation_images"] else "")
+    else:
+        acc = (f", validation top-1 {rec['int8_correct']}/{rec['validation_images']} vs FP32 "
+               f"{rec['fp32_correct']}/{rec['validation_images']}" if rec["validation_images"] else "")
     log(f"INT8 Q/DQ for {rec['target']} written to {q_path}: {q}/{n} compute nodes in int8"
         f"{f' ({n - q} kept in float by the guard)' if q < n else ''}, {rec['graph']['file_bytes'] / 1e6:.2f} MB "
         f"({rec['size_vs_fp32']:.0%} of FP32){acc}")

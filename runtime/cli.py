@@ -6,6 +6,7 @@ onnxruntime for ONNX files.
 
 import argparse
 import os
+import re
 import shutil
 import sys
 
@@ -23,6 +24,7 @@ EPILOG = """examples:
   rsedge-bench model.engine --eval data/EuroSAT/val     latency + top-1 on a labeled folder (<class>/<image>)
   rsedge-bench bundle/ --json r.json --md r.md         verify, build missing engines, benchmark + evaluate all
   rsedge-bench --eval bundle.tar.gz                     the archive `rsedge bundle --tar` writes, extracted to bundle/
+  rsedge-bench seg-bundle/ --save-predictions preds/    segmentation: mIoU / BF on the bundle's tiles, masks to preds/
   rsedge-bench base/model.onnx pruned/model.onnx        rows labelled base/model.onnx and pruned/model.onnx
   rsedge bench runs/ft/model.safetensors runs/onnx/model.onnx   (host only) a PyTorch row next to the ONNX one
 
@@ -79,10 +81,16 @@ def build_parser(prog="rsedge-bench"):
                    help="tegrastats sampling interval")
     p.add_argument("--eval", nargs="?", const=_BUNDLE_EVAL, default=None, metavar="DIR",
                    help="also measure top-1 accuracy on DIR/<class>/<image>; bundles are evaluated on their own "
-                        "evaluation set without it (`--eval BUNDLE` runs BUNDLE, it is not taken as DIR)")
+                        "evaluation set without it (`--eval BUNDLE` runs BUNDLE, it is not taken as DIR); "
+                        "segmentation models are evaluated on a bundle's evaluation set only (whole tiles by "
+                        "sliding windows: mIoU, global accuracy, mean BF)")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate bundles")
     p.add_argument("--eval-batch", type=int, default=32, help="batch size for evaluation (capped by the model's)")
     p.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate only the first N images")
+    p.add_argument("--save-predictions", default=None, metavar="DIR",
+                   help="segmentation: write each evaluated image's predicted mask to DIR/<row label>/NNNN.png "
+                        "(index PNG, pixel value = class id; .npy without Pillow), numbered as the evaluation "
+                        "set, with predictions.json listing them, so any tool can score them")
     g = p.add_argument_group("bundles")
     g.add_argument("--build-batch", default=None, metavar="N|MIN,OPT,MAX",
                    help="optimization profile of engines built from a bundle; default: 1..max(--batch), tuned for "
@@ -117,6 +125,35 @@ def _providers(args):
     return [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
 
 
+def _model_task(path):
+    """The device task of a model file (or Runner) from its metadata, read without loading it (None: unknown)."""
+    from .backends import ENGINE_EXTENSIONS
+    from .tasks import task_for
+
+    try:
+        if not isinstance(path, str):
+            return task_for(getattr(path, "metadata", None))
+        if path.lower().endswith(".onnx"):
+            from .preprocess import onnx_metadata
+
+            return task_for(onnx_metadata(path))
+        if path.lower().endswith(ENGINE_EXTENSIONS):
+            from .build.sidecar import load_sidecar
+
+            return task_for((load_sidecar(path) or {}).get("metadata"))
+    except (RuntimeToolError, IOError, OSError, ValueError):
+        return None  # said properly when the model is loaded
+    return None
+
+
+def predictions_dir(args, label):
+    """Where --save-predictions puts one run's masks: DIR/<the row label, as a file name>."""
+    if not args.save_predictions:
+        return None
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(label)).strip("_.") or "model"
+    return os.path.join(args.save_predictions, name)
+
+
 def run_model(path, args, log, label=None, evaluate=None, backend=None):
     """Benchmark one model file (or an already made Runner) and evaluate it as --eval asks."""
     from .evaluate import evaluate_folder_with
@@ -126,9 +163,18 @@ def run_model(path, args, log, label=None, evaluate=None, backend=None):
             raise RuntimeToolError("--eval without a folder needs a bundle (it uses the bundle's evaluation set); "
                                    "for {} give --eval DIR".format(label or path))
         folder = args.eval
+        task = _model_task(path)
+        if task is not None and not task.reads_folders():
+            raise RuntimeToolError("{} is a {} model: it is evaluated on a bundle's evaluation set, not on an image "
+                                   "folder (give rsedge-bench the bundle)".format(label or path, task.name))
+        if args.save_predictions:
+            log("note: --save-predictions writes segmentation masks from a bundle's evaluation set; nothing is "
+                "saved for {}".format(label or path))
 
         def evaluate(runner):
             return evaluate_folder_with(runner, folder, batch=args.eval_batch, limit=args.eval_limit, log=log)
+    elif evaluate is None and args.save_predictions:
+        log("note: {} is not evaluated, so --save-predictions saves nothing for it".format(label or path))
     doc = benchmark.run_benchmark(path, backend=backend or args.backend, providers=_providers(args), log=log,
                                   evaluate=evaluate, **_bench_kwargs(args))
     if label:
@@ -202,7 +248,8 @@ def run_bundle(directory, args, log):
     fp32 and the CPU INT8 variant). On the bundle's own evaluation set each variant is also checked
     against the FP32 one (bundles/check.py): the run's "check" entry."""
     from .bundles.check import VariantCheck, describe
-    from .evaluate import evaluate_arrays, load_eval_arrays
+    from .evaluate import evaluate_eval_set, load_eval_arrays
+    from .tasks.base import EvalOptions
 
     bundle = Bundle.open(directory, log=log)
     own_eval = args.eval == _BUNDLE_EVAL or (args.eval is None and not args.no_eval and
@@ -220,9 +267,9 @@ def run_bundle(directory, args, log):
         if check is not None:
             observe = check.observer(is_reference)
 
-            def evaluate(runner, observe=observe):
-                return evaluate_arrays(runner, images, targets, batch=args.eval_batch, class_names=classes,
-                                       log=log, task=task, observe=observe)
+            def evaluate(runner, observe=observe, label=label):
+                options = EvalOptions(args.eval_batch, classes, log, observe, predictions_dir(args, label))
+                return evaluate_eval_set(runner, images, targets, task=task, options=options)
         run = run_model(path, args, log, label=label, evaluate=evaluate, backend="auto")
         if check is not None:
             entry = check.finish(observe, label, precision, is_reference)

@@ -15,7 +15,7 @@ from .backends import Outputs, open_runner
 from .errors import RuntimeToolError
 from .preprocess import PreprocessSpec, load_image
 from .tasks import DEFAULT_TASK, get_task, task_for
-from .tasks.base import eval_file, load_array
+from .tasks.base import DeviceTask, EvalOptions
 
 
 def batch_plan(runner, batch):
@@ -73,23 +73,55 @@ def _task_metadata(runner, class_names=None):
     return meta
 
 
+class RunnerLoop(object):
+    """A runner as a task's evaluate() sees it: its metadata (class names overridden when given), its
+    input, fixed-size chunks of a preprocessed array, and inference of any number of samples in
+    chunks of the runner's batch plan (padded for fixed-batch models)."""
+
+    def __init__(self, runner, batch=32, class_names=None, log=None):
+        self.runner = runner
+        self.batch = int(batch)
+        self.log = log or (lambda msg: None)
+        self.metadata = _task_metadata(runner, class_names)
+        self.input = runner.inputs()[0]
+        self.size, self.pad_to = batch_plan(runner, self.batch)
+
+    def chunks(self, images):
+        return iter_outputs(self.runner, images, self.batch, self.log)
+
+    def infer(self, x):
+        """{name: array} of every output for x (N, ...), N of any size."""
+        x = np.asarray(x)
+        parts = [run_chunk(self.runner, np.ascontiguousarray(x[i:i + self.size], dtype=self.input.dtype),
+                           self.pad_to) for i in range(0, x.shape[0], self.size)]
+        if len(parts) == 1:
+            return parts[0]
+        return collections.OrderedDict((name, np.concatenate([p[name] for p in parts])) for name in parts[0])
+
+
 def evaluate_arrays(runner, images, targets, batch=32, class_names=None, log=None, task=None, observe=None):
     """The task's metrics (classification: top-1 and per-class accuracy) of `runner` on preprocessed
-    images (N, C, H, W) and their targets (one per image; class ids for classification).
+    images (N, C, H, W) and their targets (one per image; class ids for classification, (H, W)
+    masks for segmentation patches of the model's input size).
 
     task: a DeviceTask (default: the one the runner's metadata names); observe(start, outputs) sees
     every chunk's outputs, which is how rsedge-bench compares variants without a second pass."""
-    meta = _task_metadata(runner, class_names)
-    task = task or task_for(meta)
+    task = task or task_for(_task_metadata(runner, class_names))
     images = np.asarray(images)
     if images.shape[0] != len(targets):
         raise RuntimeToolError("{} images but {} {}".format(images.shape[0], len(targets), task.targets_name))
-    accumulator = task.accumulator(meta)
-    for start, stop, outputs in iter_outputs(runner, images, batch, log):
-        if observe is not None:
-            observe(start, outputs)
-        accumulator.update(task.decode(outputs, meta), targets[start:stop])
-    return dict(accumulator.result(), task=task.name)
+    loop = RunnerLoop(runner, batch, class_names, log)
+    return DeviceTask.evaluate(task, loop, images, targets, EvalOptions(batch, class_names, log, observe))
+
+
+def evaluate_eval_set(runner, images, targets, task=None, options=None):
+    """The task's metrics of `runner` on an evaluation set as the task's load_eval returned it (a
+    bundle's eval/): the task runs its own loop (segmentation: sliding windows over whole images);
+    options: EvalOptions (batch, class names, log, observe, save_predictions)."""
+    options = options or EvalOptions()
+    loop = RunnerLoop(runner, options.batch, options.class_names, options.log)
+    task = task or task_for(loop.metadata)
+    return task.evaluate(loop, images, targets, options)
 
 
 def _load_chunk(spec, items, skipped):
@@ -148,11 +180,11 @@ def evaluate_folder(model_path, folder, backend="auto", batch=32, providers=None
 
 
 def load_eval_arrays(bundle_dir, manifest, limit=None, task=None):
-    """The bundle's own evaluation set: eval/images.npy (N,C,H,W float32) and the targets its task reads
-    (classification: eval/labels.npy (N,)), as the manifest's eval entry names them."""
+    """The bundle's own evaluation set as its task reads it (task.load_eval): classification:
+    eval/images.npy (N,C,H,W float32) and eval/labels.npy (N,); segmentation: lists of whole
+    images (H, W, 3) uint8 and their masks (H, W), as the manifest's eval entry names them."""
     task = task or get_task(DEFAULT_TASK)
     entry = manifest.get("eval") or {}
     if not entry.get("images"):
         raise RuntimeToolError(f"bundle {bundle_dir} has no evaluation set in its manifest")
-    images = load_array(eval_file(bundle_dir, entry, "images"), limit)
-    return images, task.load_targets(bundle_dir, entry, limit)
+    return task.load_eval(bundle_dir, entry, limit)

@@ -23,7 +23,10 @@ from .errors import RuntimeToolError
 from .imagefolder import IMAGE_EXTENSIONS, list_labeled_folder  # noqa: F401 - also read from here
 
 PREFIX = "rsedge."
-KEYS = ("task", "classes", "input_size", "mean", "std", "layout", "color", "resize", "version", "precision", "arch")
+KEYS = ("task", "classes", "input_size", "mean", "std", "layout", "color", "resize", "version", "precision", "arch",
+        "colors", "ignore_index", "overlap")
+JSON_KEYS = ("classes", "input_size", "mean", "std", "colors")
+INT_KEYS = ("ignore_index", "overlap")  # segmentation: the ignore label and the sliding-window overlap (pixels)
 PREPROCESS_JSON = "preprocess.json"
 
 
@@ -36,13 +39,30 @@ def _decode(value):
     return value
 
 
+def _int(name, value):
+    value = _decode(value)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or float(value) != int(value):
+            raise ValueError(value)
+        return int(value)
+    except (TypeError, ValueError):
+        raise RuntimeToolError("metadata {}{} must be an integer, got {!r}".format(PREFIX, name, value)) from None
+
+
 def normalize_metadata(raw):
-    """{'rsedge.mean': '[0.4, ...]'} or {'mean': [0.4, ...]} -> {'mean': [0.4, ...]}; other keys dropped."""
+    """{'rsedge.mean': '[0.4, ...]'} or {'mean': [0.4, ...]} -> {'mean': [0.4, ...]}; other keys dropped.
+
+    Lists (classes, input_size, mean, std, colors) are JSON-decoded, integers (ignore_index,
+    overlap) parsed; a segmentation model's colors may be null."""
     out = {}
     for key, value in (raw or {}).items():
         name = key.split(PREFIX, 1)[1] if key.startswith(PREFIX) else key
-        if name in KEYS:
-            out[name] = _decode(value) if name in ("classes", "input_size", "mean", "std") else value
+        if name in INT_KEYS:
+            out[name] = _int(name, value)
+        elif name in KEYS:
+            out[name] = _decode(value) if name in JSON_KEYS else value
     return out
 
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import randomized
 from torch import nn
 
 from rsedge.compress.importance import get_criterion
@@ -16,16 +17,7 @@ from rsedge.trainer.models import create_model, head_modules
 
 
 def _randomized(arch, seed=0):
-    torch.manual_seed(seed)
-    model = create_model(arch, 5).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    for m in model.modules():  # non-trivial BN statistics and shifts, so a wrong slice cannot hide
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5, generator=g)
-            m.running_var.uniform_(0.5, 2.0, generator=g)
-            m.weight.data.uniform_(0.2, 1.0, generator=g)
-            m.bias.data.uniform_(-0.5, 0.5, generator=g)
-    return model
+    return randomized(arch, 5, seed)
 
 
 def _meta(arch):

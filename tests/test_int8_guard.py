@@ -82,9 +82,20 @@ def test_guard_keeps_the_sensitive_layer_in_float(tmp_path, sensitive_onnx):
     assert acc == pytest.approx(guarded["int8_top1"])
 
 
-def test_a_file_with_no_int8_left_is_rejected_not_written(tmp_path, sensitive_onnx):
-    """At 1 point (1 image of 136) only the all-float attempt meets the budget: before, it was written
-    and labelled int8-qdq although it held no quantized node."""
+def test_a_file_with_no_int8_left_is_rejected_not_written(tmp_path, sensitive_onnx, monkeypatch):
+    """When only the all-float attempt meets the budget, nothing is written: before, it was written
+    and labelled int8-qdq although it held no quantized node. Which attempts lose images depends on
+    the CPU's int8 kernels (an AMD and an Intel machine differ here), so every file that still holds
+    a QuantizeLinear is scored as losing 5 images."""
+    from rsedge.export import int8_guard
+
+    real = int8_guard.correct_images
+
+    def strict(path, images, labels):
+        quantized = any(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+        return real(path, images, labels) - (5 if quantized else 0)
+
+    monkeypatch.setattr(int8_guard, "correct_images", strict)
     path, images, labels = sensitive_onnx
     messages = []
     rec = quantize_with_guard(path, tmp_path / "q.onnx", images[:64], images[64:], labels[64:], max_drop=1.0,

@@ -18,3 +18,20 @@ class Tiny(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.bn2(self.conv2(x)))
         return self.fc(x.mean((2, 3)))
+
+
+def randomized(arch, classes=5, seed=0):
+    """A fresh registry model in eval mode with non-trivial BatchNorm statistics and shifts, so a
+    wrong slice or a lost channel cannot hide behind BatchNorm's identity initialization."""
+    from rsedge.trainer.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(arch, classes).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+            m.weight.data.uniform_(0.2, 1.0, generator=g)
+            m.bias.data.uniform_(-0.5, 0.5, generator=g)
+    return model

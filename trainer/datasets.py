@@ -13,6 +13,7 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from rsedge.runtime.imagefolder import IMAGE_EXTENSIONS, is_image_name, scan_cla
 from .records import atomic_write_json, read_json
 
 SPLIT_FORMAT = "rsedge-split/1"
+SEGMENTATION_HINT = "deeplabv3plus_resnet18 (see `rsedge models`)"
 
 
 class DatasetError(ValueError):
@@ -93,9 +95,10 @@ def check_classification_layout(root: Path) -> None:
         if found:
             task, layout = found
             what = str(root) if where == root else f"{root} is part of {where}, which"
+            hint = (f"a segmentation model reads it: --model {SEGMENTATION_HINT}" if task == "segmentation"
+                    else f"a {task} command would read it, and rsedge has none yet")
             raise DatasetError(f"rsedge's classification commands read ROOT/<class>/<image>; {what} looks like "
-                               f"a {task} dataset ({layout}): a {task} command would read it, and rsedge has "
-                               f"none yet")
+                               f"a {task} dataset ({layout}): {hint}")
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
@@ -255,6 +258,18 @@ def check_classes(expected: Sequence[str], found: Sequence[str], what: str = "da
     raise DatasetError("class sets differ between stages; " + "; ".join(detail))
 
 
+@dataclass(frozen=True)
+class SplitOptions:
+    """How a new split is made: fractions, seed, and the dataset layout a task reads (for
+    segmentation: the image and mask folder names and the colour map; None for classification)."""
+
+    val: float = 0.1
+    test: float = 0.2
+    seed: int = 0
+    progress: bool = True
+    layout: dict[str, Any] | None = None
+
+
 def resolve_split(
     data_dir: str | os.PathLike,
     run_dir: str | os.PathLike | None,
@@ -263,9 +278,16 @@ def resolve_split(
     test: float = 0.2,
     seed: int = 0,
     progress: bool = True,
+    task: Any = None,
+    layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The split an earlier stage wrote when it applies to this data folder, otherwise a new one
-    (written to `run_dir/split.json`, where later stages will find it)."""
+    (written to `run_dir/split.json`, where later stages will find it). `task` (a host Task; default
+    classification) scans the folder and makes the split."""
+    if task is None:
+        from .tasks import get_task
+
+        task = get_task("classification")
     root = Path(data_dir).resolve()
     candidates = [split_file] if split_file else []
     if run_dir is not None:
@@ -274,23 +296,26 @@ def resolve_split(
         if cand and Path(cand).is_file():
             split = load_split(cand)
             if Path(split["root"]) == root:
-                classes_now, samples = scan_image_folder(root)
-                check_classes(split["classes"], classes_now, what=f"folder {root}")
-                present = {rel for rel, _ in samples}
-                lost = [rel for part in ("train", "val", "test") for rel, _ in split[part] if rel not in present]
-                if lost:
-                    raise DatasetError(
-                        f"{len(lost)} image(s) of split {cand} are gone from {root}, e.g. {lost[0]}"
-                    )
+                task.check_split(split, root)
                 if run_dir is not None and Path(cand) != Path(run_dir) / "split.json":
                     save_split(split, Path(run_dir) / "split.json")
                 return split
             if split_file and Path(cand) == Path(split_file):
                 raise DatasetError(f"split {cand} was made for {split['root']}, not {root}")
-    split = make_split(root, val=val, test=test, seed=seed, progress=progress)
+    split = task.new_split(root, SplitOptions(val=val, test=test, seed=seed, progress=progress, layout=layout))
     if run_dir is not None:
         save_split(split, Path(run_dir) / "split.json")
     return split
+
+
+def check_folder_split(split: dict[str, Any], root: Path) -> None:
+    """A classification split still fits its folder: same classes, no image gone."""
+    classes_now, samples = scan_image_folder(root)
+    check_classes(split["classes"], classes_now, what=f"folder {root}")
+    present = {rel for rel, _ in samples}
+    lost = [rel for part in ("train", "val", "test") for rel, _ in split[part] if rel not in present]
+    if lost:
+        raise DatasetError(f"{len(lost)} image(s) of split for {root} are gone from it, e.g. {lost[0]}")
 
 
 class ImageListDataset:

@@ -338,6 +338,62 @@ def _fresh(meta: dict[str, Any]) -> nn.Module:
         return create_model(meta["arch"], len(meta["classes"]), **args)
 
 
+# -- fixed-point weights (`rsedge quantize --scheme msb-fixed`, rsedge.compress.msb_fixed) -----------
+
+QUANT_KEY = "quantization"
+FIXED_POINT_SCHEMES = ("msb-fixed",)
+
+
+def fixed_point_tensors(quant: dict[str, Any] | None) -> tuple[int, dict[str, int]]:
+    """(bits, {tensor name: fractional bits f}) of a model file's `quantization` metadata; (0, {})
+    for a float model. A tensor stored as integers q means the weights q * 2**-f."""
+    if not quant:
+        return 0, {}
+    if not isinstance(quant, dict) or quant.get("scheme") not in FIXED_POINT_SCHEMES:
+        found = quant.get("scheme") if isinstance(quant, dict) else quant
+        raise ValueError(f"unknown quantization scheme {found!r} (this rsedge reads {', '.join(FIXED_POINT_SCHEMES)})")
+    bits, layers = quant.get("bits"), quant.get("layers")
+    if not isinstance(bits, int) or not 2 <= bits <= 16 or not isinstance(layers, dict):
+        raise ValueError("quantization metadata needs an integer 'bits' in 2..16 and a 'layers' object")
+    fracs = {k: v.get("frac_bits") if isinstance(v, dict) else None for k, v in layers.items()}
+    bad = [k for k, f in fracs.items() if not isinstance(f, int) or isinstance(f, bool)]
+    if bad:
+        raise ValueError(f"quantization metadata: {bad[0]} has no integer 'frac_bits'")
+    return bits, fracs
+
+
+def encode_fixed_point(state: dict[str, torch.Tensor], quant: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The quantized tensors of `state` as the integers they are (int8 up to 8 bits, else int16), so
+    the file holds what the weights occupy; a value off its grid q * 2**-f, or beyond the symmetric
+    range, is an error: the weights changed after quantizing."""
+    bits, fracs = fixed_point_tensors(quant)
+    out = {}
+    for key, f in fracs.items():
+        if key not in state:
+            raise ValueError(f"quantization metadata names {key}, which the model does not have")
+        v = state[key].double()
+        q = torch.round(torch.ldexp(v, torch.tensor(f, dtype=torch.float64)))
+        qmax = 2 ** (bits - 1) - 1
+        if not torch.equal(torch.ldexp(q, torch.tensor(-f, dtype=torch.float64)), v) or q.abs().max() > qmax:
+            raise ValueError(f"{key} is not on its {bits}-bit fixed-point grid (steps of 2^-{f}, at most "
+                             f"{qmax} steps): were the weights changed after quantizing?")
+        out[key] = q.to(torch.int8 if bits <= 8 else torch.int16)
+    return out
+
+
+def decode_fixed_point(weights: dict[str, torch.Tensor], quant: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The float32 weights q * 2**-f of the integer tensors a quantized file stores."""
+    bits, fracs = fixed_point_tensors(quant)
+    out = {}
+    for key, f in fracs.items():
+        q = weights.get(key)
+        if q is None or q.dtype not in (torch.int8, torch.int16):
+            found = "missing" if q is None else f"stored as {q.dtype}"
+            raise ValueError(f"the {bits}-bit fixed-point tensor {key} is {found}, not as integers")
+        out[key] = torch.ldexp(q.to(torch.float32), torch.tensor(-f, dtype=torch.float32))
+    return out
+
+
 def save_model(
     path: str | os.PathLike,
     model: nn.Module,
@@ -359,6 +415,7 @@ def save_model(
     full["layout"] = channel_layout(model, reference)
     full["params"] = int(sum(p.numel() for p in model.parameters()))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state.update(encode_fixed_point(state, full.get(QUANT_KEY)))
     for k, v in (extra_tensors or {}).items():
         state[EXTRA_PREFIX + k] = v.detach().cpu().contiguous()
     data = save(state, metadata={META_KEY: json.dumps(full)})
@@ -410,6 +467,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise ModelFileError(f"{path}: its tensors cannot be read ({type(e).__name__}: {e}); "
                              f"the file is damaged or truncated") from e
     weights = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
+    try:
+        weights.update(decode_fixed_point(weights, meta.get(QUANT_KEY)))
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {e}") from e
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     extra = [k for k in weights if k not in own]
@@ -433,9 +494,15 @@ def load_extra_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
+# what a segmentation model knows of its data (colour map, ignore label, dataset layout, window
+# overlap): every model derived from it reads the same masks the same way
+TASK_DATA_KEYS = ("colors", "ignore_index", "data_layout", "overlap")
+
+
 def derive_meta(parent: dict[str, Any], stage: str, **updates: Any) -> dict[str, Any]:
     """Metadata for a model made from another: same data contract, one more history entry."""
-    keep = ("arch", "task", "model_args", "classes", "input_size", "normalization", "split", "data_root")
+    keep = ("arch", "task", "model_args", "classes", "input_size", "normalization", "split", "data_root",
+            *TASK_DATA_KEYS)
     meta = {k: parent[k] for k in keep if k in parent}
     meta["history"] = list(parent.get("history", [])) + [{"stage": stage, **updates.pop("history_entry", {})}]
     meta.update(updates)

@@ -231,3 +231,6 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike, partial: boo
                          + fresh
                          + (f"; {len(unused)} tensor(s) of the file fit no layer" if unused else ""))
     return report
+
+
+from . import seg_models as _seg_models  # noqa: E402,F401  (registers the segmentation specs)

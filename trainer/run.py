@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .datasets import check_classes, resolve_split, scan_image_folder
+from .datasets import resolve_split
 from .modelfile import load_model, read_metadata
 from .models import create_model, get_spec
 from .records import write_record
@@ -38,6 +38,8 @@ class TrainOptions:
     val: float = 0.1
     test: float = 0.2
     split_file: str | None = None  # reuse this split instead of making one
+    layout: dict[str, Any] | None = None  # segmentation: {"images", "masks", "colormap"} (None: by convention)
+    overlap: int | None = None  # segmentation: pixels shared by neighbouring windows (None: a quarter of the side)
     resume: bool = False
     exist_ok: bool = False  # overwrite a run already in the folder (else refused unless `resume`)
     progress: bool = True
@@ -49,6 +51,8 @@ def train_run(data: str | Path, model_name: str, out: str | Path, options: Train
     replace those of `options`."""
     o = build_options(TrainOptions, options, fields)
     cfg = (o.cfg or TrainConfig()).resolved()
+    task = get_task(get_spec(model_name).task)
+    task.check_input_size((o.img_size, o.img_size))
     initial = None
     if o.weights is not None:  # a wrong file is refused before the images are scanned
         initial = check_initial_weights(model_name, o.weights, o.partial_weights)
@@ -56,12 +60,15 @@ def train_run(data: str | Path, model_name: str, out: str | Path, options: Train
     done = stage.finished("training already finished (delete it to train again)")
     if done is not None:
         return done
-    split = resolve_split(data, stage.out, o.split_file, val=o.val, test=o.test, seed=cfg.seed, progress=o.progress)
+    split = resolve_split(data, stage.out, o.split_file, val=o.val, test=o.test, seed=cfg.seed, progress=o.progress,
+                          task=task, layout=o.layout)
     if split["skipped"]:
         log(f"warning: {len(split['skipped'])} unreadable image(s) skipped; listed in {stage.out / 'split.json'}")
-    meta = new_model_meta(model_name, split, o.img_size, stage, cfg.epochs, o.weights)
+    meta = new_model_meta(model_name, split, o, stage, cfg.epochs)
     d = stage.data(split, meta, cfg)
-    log(f"data: {len(meta['classes'])} classes, train {len(d.train)} / val {len(d.val)} / test {len(d.test)}")
+    train_n = (f"{len(d.train)} windows of {len(d.split['train'])} images" if len(d.train) != len(d.split["train"])
+               else len(d.train))
+    log(f"data: {len(meta['classes'])} classes, train {train_n} / val {len(d.val)} / test {len(d.test)}")
     seed_everything(cfg.seed)  # the initial weights are part of what --seed fixes
     model = create_model(model_name, len(meta["classes"]), o.weights, partial_weights=o.partial_weights)
     if initial is not None:
@@ -71,7 +78,7 @@ def train_run(data: str | Path, model_name: str, out: str | Path, options: Train
     return stage.record({
         "inputs": {"data": split["root"], "model": model_name, "initial_weights": o.weights},
         "initial_weights": initial,
-        "parameters": {"img_size": o.img_size, **asdict(cfg)},
+        "parameters": {"img_size": o.img_size, "layout": o.layout, "overlap": meta.get("overlap"), **asdict(cfg)},
         "split": {"file": "split.json", "counts": split["counts"], "skipped": len(split["skipped"]),
                   "seed": split["seed"]},
         "fraction": d.fraction,
@@ -82,10 +89,20 @@ def train_run(data: str | Path, model_name: str, out: str | Path, options: Train
     })
 
 
-def new_model_meta(model_name: str, split: dict[str, Any], img_size: int, stage: Stage, epochs: int,
-                   weights: str | None) -> dict[str, Any]:
-    """The metadata of a model trained from scratch: its spec's task, arguments and normalization."""
+def new_model_meta(model_name: str, split: dict[str, Any], o: TrainOptions, stage: Stage, epochs: int
+                   ) -> dict[str, Any]:
+    """The metadata of a model trained from scratch: its spec's task, arguments and normalization,
+    and what its task keeps of the split (segmentation: colours, ignore label, layout, overlap)."""
     spec = get_spec(model_name)
+    img_size, weights = o.img_size, o.weights
+    task = get_task(spec.task)
+    extra = task.split_meta(split)
+    if "overlap" in extra and o.overlap is not None:
+        if not 0 <= o.overlap < img_size:
+            raise ValueError(f"--overlap must be in [0, {img_size}), not {o.overlap}")
+        extra["overlap"] = int(o.overlap)
+    elif "overlap" in extra:
+        extra["overlap"] = img_size // 4
     return {
         "arch": model_name,
         "task": get_task(spec.task).name,
@@ -96,6 +113,7 @@ def new_model_meta(model_name: str, split: dict[str, Any], img_size: int, stage:
         "data_root": split["root"],
         "split": str(stage.split_path),
         "history": [{"stage": "train", "epochs": epochs, "initial_weights": weights}],
+        **extra,
     }
 
 
@@ -159,8 +177,7 @@ def eval_items(meta: dict[str, Any], data: str | Path, part: str, progress: bool
     """(folder, part, items) `eval` reads: `part` of the model's own split, or every readable
     image of the folder ("all"; what `auto` means for a folder the model was not trained on)."""
     root = Path(data).resolve()
-    classes_here, samples = scan_image_folder(root)
-    check_classes(meta["classes"], classes_here, what=f"folder {root}")
+    samples = task_for(meta).scan_folder(meta, root)
     split = model_split(meta, root)
     if part == "auto":
         part = "test" if split is not None else "all"

@@ -20,12 +20,12 @@ def stratified_fraction(items: Sequence[Sequence[Any]], fraction: float, seed: i
     """round(F * n_c) images of every class c (at least one, so no class disappears), drawn with
     `seed`; the result keeps the order of `items`."""
     fraction = check_fraction(fraction)
-    items = [(str(rel), int(label)) for rel, label in items]
+    items = [(str(rel), _target(label)) for rel, label in items]
     if fraction == 1:
         return items
-    by_class: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    by_class: dict[Any, list[tuple[str, Any]]] = defaultdict(list)
     for it in sorted(items):
-        by_class[it[1]].append(it)
+        by_class[it[1] if isinstance(it[1], int) else None].append(it)
     rng = random.Random(seed)
     chosen = set()
     for label in sorted(by_class):
@@ -35,13 +35,21 @@ def stratified_fraction(items: Sequence[Sequence[Any]], fraction: float, seed: i
     return [it for it in items if it in chosen]
 
 
+def _target(label: Any) -> Any:
+    """A class index as an int; another target (a mask file of a segmentation pair) as a string:
+    such items form one stratum."""
+    return int(label) if isinstance(label, (int, float)) or str(label).isdigit() else str(label)
+
+
 def fraction_info(fraction: float, seed: int, used: Sequence[Sequence[Any]], total: Sequence[Sequence[Any]],
                   classes: Sequence[str] | None = None) -> dict[str, Any]:
     """What the record says about a fraction: how many images of how many, per class."""
-    per_class = Counter(int(label) for _, label in used)
-    name = (lambda i: classes[i]) if classes else str
-    return {"fraction": fraction, "seed": seed, "images": len(used), "of": len(total),
-            "per_class": {name(i): per_class[i] for i in sorted(per_class)}}
+    info: dict[str, Any] = {"fraction": fraction, "seed": seed, "images": len(used), "of": len(total)}
+    if all(isinstance(_target(label), int) for _, label in used):
+        per_class = Counter(int(label) for _, label in used)
+        name = (lambda i: classes[i]) if classes else str
+        info["per_class"] = {name(i): per_class[i] for i in sorted(per_class)}
+    return info
 
 
 def subsample_dataset(ds, fraction: float, seed: int, classes: Sequence[str] | None = None,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from .datasets import check_classes, find_corrupt, load_split, resolve_split, scan_image_folder
+from .datasets import check_classes, find_corrupt, load_split, resolve_split
 from .records import read_json, write_record
 
 Log = Callable[[str], None]
@@ -107,7 +107,10 @@ def split_for_model(meta: dict[str, Any], data: str | Path, out: str | Path, see
     own = model_split(meta, data)
     if own is None and model_split(meta) is not None:
         log(f"{data} is not the folder the model was trained on: making a new split")
-    split = resolve_split(data, out, meta["split"] if own is not None else None, seed=seed, progress=progress)
+    from .tasks import task_for
+
+    split = resolve_split(data, out, meta["split"] if own is not None else None, seed=seed, progress=progress,
+                          task=task_for(meta), layout=meta.get("data_layout"))
     check_classes(meta["classes"], split["classes"], what=f"folder {split['root']}")
     return split
 
@@ -123,10 +126,11 @@ def readable(root: Path, samples: list, progress: bool = False, log: Log | None 
 def folder_items(meta: dict[str, Any], data: str | Path, progress: bool = False, log: Log | None = None
                  ) -> tuple[Path, list]:
     """Every readable image of `data` (a folder the model was not trained on), its classes
-    checked against the model's."""
+    checked against the model's by its task."""
+    from .tasks import task_for
+
     root = Path(data).resolve()
-    classes, samples = scan_image_folder(root)
-    check_classes(meta["classes"], classes, what=f"folder {root}")
+    samples = task_for(meta).scan_folder(meta, root)
     return root, readable(root, samples, progress, log)
 
 
@@ -151,8 +155,9 @@ def evaluate_model(model, dataset, meta: dict[str, Any], device: Any = "cpu", ba
 
     task = task_for(meta)
     device = pick_device(device) if isinstance(device, str) else device
-    return evaluate(model, dataset, task.evaluator(meta), device, batch_size, workers, progress, log=log,
-                    collate=task.collate)
+    return evaluate(model, dataset, task.evaluator(meta), device, task.eval_batch_size(batch_size), workers,
+                    progress, log=log,
+                    collate=task.collate, predict=task.predictor(meta))
 
 
 # -- a stage that trains --------------------------------------------------------------------------
@@ -196,12 +201,18 @@ class Stage:
         return split_for_model(meta, data, self.out, seed=seed, progress=self.progress, log=self.log)
 
     def data(self, split: dict[str, Any], meta: dict[str, Any], cfg) -> StageData:
-        """The task's datasets of `split`, the training part thinned to `cfg.fraction`."""
-        from .sampling import subsample_dataset
+        """The task's datasets of `split`, the training part thinned to `cfg.fraction` first."""
+        from .sampling import check_fraction, fraction_info, stratified_fraction
         from .tasks import task_for
 
+        fraction = None
+        if check_fraction(cfg.fraction) < 1:
+            used = stratified_fraction(split["train"], cfg.fraction, cfg.seed)
+            fraction = fraction_info(cfg.fraction, cfg.seed, used, split["train"], meta["classes"])
+            self.log(f"--fraction {cfg.fraction:g}: {fraction['images']} of {fraction['of']} training images "
+                     f"(seed {cfg.seed})")
+            split = {**split, "train": used}
         train, val, test = task_for(meta).datasets(split, meta)
-        train, fraction = subsample_dataset(train, cfg.fraction, cfg.seed, meta["classes"], self.log)
         return StageData(split, train, val, test, fraction)
 
     def fit(self, model, data: StageData, cfg, meta: dict[str, Any], **hooks: Any):

@@ -43,6 +43,7 @@ class TrainConfig:
     amp: bool = True
     device: str = "auto"
     label_smoothing: float = 0.0
+    dice: float = 0.0  # segmentation: weight of a soft Dice term added to the cross-entropy
     fraction: float = 1.0  # of the training images, stratified by class (datasets.stratified_fraction)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -52,6 +53,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be sgd or adamw, not {c.optimizer!r}")
         if c.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be cosine, step or constant, not {c.schedule!r}")
+        if c.dice < 0:
+            raise ValueError(f"--dice must be >= 0, not {c.dice}")
         if not 0 < c.fraction <= 1:
             raise ValueError(f"--fraction must be in (0, 1], not {c.fraction}")
         if c.lr is None:
@@ -180,11 +183,13 @@ def _count(targets: Any) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, evaluator: Evaluator, device: torch.device | str = "cpu",
              batch_size: int = 128, workers: int = 1, progress: bool = False,
-             log: Callable[[str], None] | None = print, collate: Callable | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] | None = print, collate: Callable | None = None,
+             predict: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, Any]:
     """The task's metrics of `model` on `dataset`, from `evaluator` (`task.evaluator(meta)`:
     top-1, per-class accuracy and confusion matrix for classification); images that became
     unreadable are skipped, counted in `skipped_images` and warned about through `log` (None:
-    silent)."""
+    silent). `predict(model, inputs)`: the task's forward (`task.predictor(meta)`; default one
+    pass); an evaluator with `observe_inputs` also sees the inputs (segmentation overlays)."""
     device = torch.device(device)
     model.eval().to(device)
     loader = make_loader(dataset, batch_size, False, 0, 0, workers, report=None, collate=collate)
@@ -193,8 +198,12 @@ def evaluate(model: nn.Module, dataset, evaluator: Evaluator, device: torch.devi
         from tqdm import tqdm
 
         it = tqdm(loader, desc="evaluating", unit="batch", leave=False)
+    predict = predict or (lambda m, inputs: m(inputs))
+    observe = getattr(evaluator, "observe_inputs", None)
     for x, y in it:
-        evaluator.update(model(to_device(x, device)), y)
+        if observe is not None:
+            observe(x)
+        evaluator.update(predict(model, to_device(x, device)), y)
     result = evaluator.result()
     result["skipped_images"] = len(loader.skipped)
     if loader.skipped:
@@ -336,7 +345,7 @@ def _train_epoch(model: nn.Module, train_ds, epoch: int, run: _Run) -> tuple[dic
     n_batches = max(len(loader), 1)
     t0 = time.perf_counter()
     seen, loss_sum = 0, 0.0
-    running = run.task.evaluator(run.meta)
+    running = run.task.training_evaluator(run.meta)
     it = loader
     if run.progress:
         from tqdm import tqdm
@@ -365,8 +374,9 @@ def _train_epoch(model: nn.Module, train_ds, epoch: int, run: _Run) -> tuple[dic
         loss_sum += loss.item() * n
         running.update(_detach(outputs), y)
         if run.progress:
-            it.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{running.result()[run.task.primary_metric]:.3f}",
-                           lr=f"{lr:.2g}")
+            metric = run.task.primary_metric if run.task.primary_metric != "top1" else "acc"
+            it.set_postfix({"loss": f"{loss_sum / seen:.3f}",
+                            metric: f"{running.result()[run.task.primary_metric]:.3f}", "lr": f"{lr:.2g}"})
     entry = {
         "epoch": epoch + 1,
         "train_loss": loss_sum / max(seen, 1),
@@ -418,8 +428,9 @@ def _validate_epoch(model: nn.Module, val_ds, entry: dict[str, Any], train_skipp
     """Fill in the epoch's validation metric and its count of skipped images, warned about once."""
     val = None
     if val_ds is not None and len(val_ds) > 0:
-        val = evaluate(model, val_ds, run.task.evaluator(run.meta), run.device, workers=run.cfg.workers, log=None,
-                       collate=run.task.collate)
+        val = evaluate(model, val_ds, run.task.evaluator(run.meta), run.device,
+                       batch_size=run.task.eval_batch_size(128), workers=run.cfg.workers, log=None,
+                       collate=run.task.collate, predict=run.task.predictor(run.meta))
         entry[run.task.metric_key("val")] = val[run.task.primary_metric]
     val_skipped = val.get("skipped", []) if val else []
     entry["skipped_images"] = entry.get("skipped_images", 0) + len(val_skipped)

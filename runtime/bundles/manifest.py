@@ -92,7 +92,7 @@ def referenced_files(doc):
     for key in ("preprocess", "labels"):
         if doc.get(key):
             refs.append(doc[key])
-    for key in ("images", "labels"):
+    for key in ("images", "labels", "masks", "shapes"):  # classification; segmentation
         if (doc.get("eval") or {}).get(key):
             refs.append(doc["eval"][key])
     return refs

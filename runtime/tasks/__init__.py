@@ -1,12 +1,14 @@
 """Device tasks: what the runtime does with a model's outputs, chosen by its `rsedge.task` metadata.
 
 A new task is one module here with a DeviceTask subclass (decode, accumulator, agreement,
-load_targets, and folder_items if it can read an image folder) and one `register_task` line
-below; the evaluation loop, the comparator and rsedge-bench need no change.
+load_targets, and folder_items if it can read an image folder; load_eval and evaluate when its
+evaluation set is not one fixed-size tensor per sample, as segmentation's whole tiles) and one
+`register_task` line below; the evaluation loop, the comparator and rsedge-bench need no change.
 """
 
 from ..errors import RuntimeToolError
 from .classification import ClassificationTask
+from .segmentation import SegmentationTask
 
 DEFAULT_TASK = "classification"
 _TASKS = {}
@@ -38,3 +40,4 @@ def known_tasks():
 
 
 register_task(ClassificationTask())
+register_task(SegmentationTask())

@@ -80,6 +80,42 @@ class Task(ABC):
             root, split["train"], meta)
         return train, self.eval_dataset(root, split["val"], meta), self.eval_dataset(root, split["test"], meta)
 
+    def tensor_dataset(self, root: str | os.PathLike, items: Sequence[Sequence[Any]], meta: dict[str, Any]):
+        """Samples at the model's input size, not augmented: what calibration, the ONNX parity check
+        and the INT8 guard stack into one array. By default the evaluation dataset."""
+        return self.eval_dataset(root, items, meta)
+
+    # -- splits and folders -------------------------------------------------------------------
+    def new_split(self, root: Path, options: Any) -> dict[str, Any]:
+        """A new split of the dataset folder `root` (`options`: datasets.SplitOptions)."""
+        from ..datasets import make_split
+
+        return make_split(root, val=options.val, test=options.test, seed=options.seed, progress=options.progress)
+
+    def check_split(self, split: dict[str, Any], root: Path) -> None:
+        """An earlier split of `root` still fits it (same classes, no image gone); raises otherwise."""
+        from ..datasets import check_folder_split
+
+        check_folder_split(split, root)
+
+    def scan_folder(self, meta: dict[str, Any], root: Path) -> list:
+        """Every item of a folder the model was not trained on, its classes checked against the model's."""
+        from ..datasets import check_classes, scan_image_folder
+
+        classes, samples = scan_image_folder(root)
+        check_classes(meta["classes"], classes, what=f"folder {root}")
+        return samples
+
+    def split_meta(self, split: dict[str, Any]) -> dict[str, Any]:
+        """What a model trained on `split` stores about its data besides the classes (segmentation:
+        colours, ignore label, layout)."""
+        return {}
+
+    def check_input_size(self, size: Sequence[int]) -> None:
+        """Refuse an input size the task's models cannot take, before any data is read (by
+        default every size is taken)."""
+        return None
+
     # -- training and scoring -----------------------------------------------------------------
     @abstractmethod
     def loss(self, outputs: Any, targets: Any, inputs: Any) -> Any:
@@ -91,6 +127,19 @@ class Task(ABC):
 
     @abstractmethod
     def evaluator(self, meta: dict[str, Any]) -> Evaluator: ...
+
+    def training_evaluator(self, meta: dict[str, Any]) -> Evaluator:
+        """The running metric of training batches (a cheaper one may skip what only a report needs)."""
+        return self.evaluator(meta)
+
+    def predictor(self, meta: dict[str, Any]) -> Callable[[Any, Any], Any]:
+        """predict(model, inputs) -> outputs the evaluator reads; by default one forward pass
+        (segmentation: sliding windows over whole images)."""
+        return lambda model, inputs: model(inputs)
+
+    def eval_batch_size(self, requested: int) -> int:
+        """Images per evaluation batch (whole aerial tiles are large: segmentation takes a few)."""
+        return requested
 
     def metric_key(self, part: str) -> str:
         """The key of the primary metric of `part` (train, val, test) in histories and metrics."""
