@@ -32,6 +32,18 @@ def _width_changes(model, reference) -> list[tuple[str, int, int]]:
     return [(n, c0, now[n]) for n, c0 in before.items() if n in now and now[n] != c0]
 
 
+def _weights_line(model, meta: dict[str, Any]) -> str:
+    """What the weights occupy (seed 002's "memory"): fixed point where the model is quantized."""
+    from rsedge.compress.msb_fixed import weight_memory
+
+    quant = meta.get("quantization")
+    mem = weight_memory(model, quant)
+    if not quant:
+        return f"weights       {mem['mb']:.2f} MB, float32"
+    return (f"weights       {mem['mb']:.2f} MB: {mem['quantized_params']:,} params in {quant.get('bits')}-bit fixed "
+            f"point ({quant.get('scheme')}), {mem['float_params']:,} float32 (normalization, float biases)")
+
+
 def info_summary(path: str, all_layers: bool = False) -> str:
     """Architecture, task, classes, input, params and MACs (against the unpruned architecture),
     file size, the layers whose width changed, the history of stages and the metrics."""
@@ -58,6 +70,7 @@ def info_summary(path: str, all_layers: bool = False) -> str:
         f"std {_fmt_value('', norm.get('std'))}",
         f"params        {params:,} ({params / ref_params:.1%} of the unpruned {meta['arch']}: {ref_params:,})",
         f"MACs          {macs:,} at {size[0]}x{size[1]} ({macs / ref_macs:.1%} of {ref_macs:,})",
+        _weights_line(model, meta),
     ]
     changed = _width_changes(model, reference)
     if changed:

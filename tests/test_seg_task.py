@@ -171,3 +171,28 @@ def test_target_regions_mark_the_objects_against_the_dominant_class_at_the_featu
     assert regions.shape == (2, 4, 4)
     assert regions[0].tolist() == [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert regions[1].sum() == 16  # one class only: all of its labelled pixels
+
+
+def test_samples_and_fractions_of_image_mask_pairs_are_seeded_subsets():
+    from rsedge.export.run import stratified_sample
+    from rsedge.trainer.sampling import fraction_info, stratified_fraction
+
+    pairs = [[f"images/{i:03d}.png", f"masks/{i:03d}.png"] for i in range(20)]
+    picked = stratified_sample(pairs, 5, seed=3)
+    assert len(picked) == 5 and len(set(picked)) == 5 and all(list(p) in pairs for p in picked)
+    assert picked == stratified_sample(pairs, 5, seed=3)
+    part = stratified_fraction(pairs, 0.25, seed=1)
+    assert len(part) == 5 and part == stratified_fraction(pairs, 0.25, seed=1)
+    assert [p for p in map(tuple, pairs) if p in part] == part  # the order of the split is kept
+    info = fraction_info(0.25, 1, part, pairs)
+    assert info["images"] == 5 and info["of"] == 20 and "per_class" not in info
+
+
+def test_train_fraction_thins_the_tiles_before_they_are_cut(tmp_path, tiny_spec, scenes):
+    from rsedge.trainer.run import train_run
+    from rsedge.trainer.train import TrainConfig
+
+    cfg = TrainConfig(epochs=1, batch_size=8, optimizer="adamw", workers=0, fraction=0.5)
+    record = train_run(scenes, tiny_spec, tmp_path / "r", img_size=32, cfg=cfg, **QUIET)
+    assert record["fraction"]["images"] == round(0.5 * record["split"]["counts"]["train"])
+    assert record["test"]["samples"] == record["split"]["counts"]["test"]  # test stays whole
