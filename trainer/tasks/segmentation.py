@@ -21,6 +21,15 @@ from .base import Evaluator, LossFn, Task
 IGNORE_INDEX = 255
 EXAMPLES = 4  # images an evaluation keeps for the overlay figure
 CALIBRATION_WINDOWS = 4  # windows per image in calibration / parity / guard sets
+# A shuffled epoch visits the windows of every tile in random order, so each DataLoader worker keeps
+# every decoded training tile (RGB + mask) of a set this size: decoding a 2000 px JPEG and mapping
+# its colour mask costs ~0.3 s, more than the training step of the window it was decoded for.
+CACHE_ALL_TILES_UP_TO = 256
+LARGE_SET_CACHE = 16
+
+
+def _tile_cache(items: Sequence[Any]) -> int:
+    return len(items) if len(items) <= CACHE_ALL_TILES_UP_TO else LARGE_SET_CACHE
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -152,13 +161,14 @@ class SegmentationTask(Task):
     def train_dataset(self, root: str | os.PathLike, items: Sequence[Sequence[Any]], meta: dict[str, Any]):
         from ..segdata import SegmentationPatches
 
-        return SegmentationPatches(root, items, meta, augment=True)
+        return SegmentationPatches(root, items, meta, augment=True, cache=_tile_cache(items))
 
     def datasets(self, split: dict[str, Any], meta: dict[str, Any], augment: bool = True):
         from ..segdata import SegmentationPatches
 
         train = (self.train_dataset(split["root"], split["train"], meta) if augment
-                 else SegmentationPatches(split["root"], split["train"], meta, augment=False))
+                 else SegmentationPatches(split["root"], split["train"], meta, augment=False,
+                                          cache=_tile_cache(split["train"])))
         return (train, self.eval_dataset(split["root"], split["val"], meta),
                 self.eval_dataset(split["root"], split["test"], meta))
 
