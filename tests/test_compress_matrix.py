@@ -2,9 +2,11 @@
 `rsedge bench`, on the synthetic data (slow: `make test-all`)."""
 import json
 
+import numpy as np
 import pytest
 
 from rsedge.cli.main import main
+from rsedge.export.onnx_export import run_onnx
 
 ARCHS = ["vgg16_bn", "mobilenet_v2", "efficientnet_b0", "resnet18"]
 METHODS = ["random", "l1", "bn-scale", "fpgm", "taylor", "cap", "group", "l1rr"]
@@ -39,7 +41,11 @@ def test_method_runs_through_finetune_export_and_bench(tmp_path, synth_data, bas
                  "--batch-size", "32", "--workers", "0", "--out", str(ft), "--quiet", "--loss", "aml"]) == 0
     assert main(["export", "--model", str(ft / "model.safetensors"), "--out", str(ex)]) == 0
     xrec = json.loads((ex / "record.json").read_text())
-    assert xrec["onnx"]["parity"]["max_abs_diff"] < 1e-3
+    # float32 agrees to ~1e-6 of the logits' size: a diverged fine-tune (VGG's logits reach ~3000) is no bug
+    scale = max(1.0, float(np.abs(run_onnx(ex / "model.onnx", np.random.default_rng(0).standard_normal(
+        (4, 3, 32, 32)).astype(np.float32))).max()))
+    assert xrec["onnx"]["parity"]["max_abs_diff"] < 1e-3 * scale
+    assert xrec["onnx"]["parity"]["top1_agreement"] == 1.0
     assert xrec["onnx"]["exporter"] == "torchscript" and xrec["onnx"]["opset"] == 13
     out = tmp_path / "bench.json"
     assert main(["bench", str(ex / "model.onnx"), "--duration", "0.1", "--iterations", "3", "--warmup", "0.02",

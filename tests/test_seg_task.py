@@ -196,3 +196,33 @@ def test_train_fraction_thins_the_tiles_before_they_are_cut(tmp_path, tiny_spec,
     record = train_run(scenes, tiny_spec, tmp_path / "r", img_size=32, cfg=cfg, **QUIET)
     assert record["fraction"]["images"] == round(0.5 * record["split"]["counts"]["train"])
     assert record["test"]["samples"] == record["split"]["counts"]["test"]  # test stays whole
+
+
+def test_deeplab_through_every_stage_from_the_cli(tmp_path, capsys):
+    """The README's segmentation walk-through, shortened (about 15 s, so CI runs it as the
+    segmentation smoke): DeepLabV3+ from `data synth` to `rsedge-bench` on its bundle."""
+    from rsedge.cli.main import main
+    from rsedge.runtime import cli as bench_cli
+
+    d, r = str(tmp_path / "scenes"), tmp_path / "runs"
+    quick = ["--batch-size", "8", "--optimizer", "adamw", "--workers", "0", "--quiet"]
+    assert main(["data", "synth", "--task", "segment", "--out", d, "--images", "16", "--size", "64"]) == 0
+    assert main(["train", "--data", d, "--model", "deeplabv3plus_resnet18", "--img-size", "64", "--epochs", "1",
+                 "--out", str(r / "seg"), *quick]) == 0
+    assert main(["prune", "--model", str(r / "seg/model.safetensors"), "--method", "taylor", "--ratio", "0.35",
+                 "--steps", "3", "--step-epochs", "0", "--taylor-batches", "1", "--batch-size", "8", "--data", d,
+                 "--workers", "0", "--out", str(r / "pruned"), "--quiet"]) == 0
+    assert main(["finetune", "--model", str(r / "pruned/model.safetensors"), "--data", d, "--epochs", "1",
+                 "--out", str(r / "ft"), *quick]) == 0
+    assert main(["quantize", str(r / "ft/model.safetensors"), "--out", str(r / "q8"), "--quiet"]) == 0
+    assert main(["export", "--model", str(r / "q8/model.safetensors"), "--out", str(r / "q8-onnx")]) == 0
+    assert main(["export", "--model", str(r / "ft/model.safetensors"), "--out", str(r / "onnx"), "--int8",
+                 "--max-drop", "5", "--calib-size", "8"]) == 0
+    assert main(["bundle", "--model", str(r / "ft/model.safetensors"), "--out", str(r / "bundle"),
+                 "--calib-size", "8", "--max-drop", "5"]) == 0
+    assert bench_cli.main([str(r / "bundle"), "--warmup", "0", "--iterations", "2", "--duration", "0",
+                           "--no-power", "--json", str(r / "bench.json")]) == 0
+    runs = json.loads((r / "bench.json").read_text())["runs"]
+    assert all(run["accuracy"]["miou"] is not None for run in runs)
+    q8 = (r / "q8-onnx" / "model.onnx").stat().st_size / (r / "onnx" / "model.onnx").stat().st_size
+    assert q8 < 0.35  # int8 weights behind DequantizeLinear
