@@ -81,6 +81,7 @@ class VariantCheck(object):
         result = compare(self.reference.outputs(), recorder.outputs(), task=self.task, metadata=self.metadata,
                          per_output=per_output, min_agreement=min_agreement)
         return dict(result, reference=self.reference_label, images=recorder.images,
+                    unit=getattr(self.task, "sample_unit", "images"),
                     tolerance={"atol": bound[0], "rtol": bound[1]} if bound else None, min_agreement=min_agreement)
 
 
@@ -101,5 +102,6 @@ def describe(check):
     diffs = ", ".join("{} max {:.3g} mean {:.3g}".format(n, o["max_abs_diff"], o["mean_abs_diff"])
                       for n, o in check["outputs"].items())
     agreement = "" if check["agreement"] is None else "agreement {:.2f} %, ".format(100.0 * check["agreement"])
-    return "  check vs {} on {} images: {}abs diff {} -> {}".format(
-        check["reference"], check["images"], agreement, diffs, "ok" if check["passed"] else "outside thresholds")
+    return "  check vs {} on {} {}: {}abs diff {} -> {}".format(
+        check["reference"], check["images"], check.get("unit", "images"), agreement, diffs,
+        "ok" if check["passed"] else "outside thresholds")

@@ -40,6 +40,7 @@ class DeviceTask(object):
     name = "?"
     outputs = ("logits",)
     targets_name = "targets"
+    sample_unit = "images"  # what one model input is, in the logs (segmentation: windows of an image)
 
     def output(self, outputs, name):
         """The output `name`, or the first one when the model does not name it (files exported before

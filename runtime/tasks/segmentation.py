@@ -186,6 +186,7 @@ class SegmentationTask(DeviceTask):
     name = "segmentation"
     outputs = ("logits",)
     targets_name = "masks"
+    sample_unit = "windows"
 
     def decode(self, outputs, metadata):
         """logits (N, C, H, W) -> class ids (N, H, W), uint8 when C <= 255."""
