@@ -174,15 +174,14 @@ class _Data:
     """The training data a data-driven method reads: the model's own split when it applies."""
 
     def __init__(self, data, out: Path, meta: dict[str, Any], o: PruneOptions, log: Callable[[str], None]):
-        from rsedge.trainer.sampling import subsample_dataset
+        from rsedge.trainer.sampling import fraction_of_split
         from rsedge.trainer.stage import split_for_model
 
         self.split = split_for_model(meta, data, out, seed=o.seed, progress=o.progress, log=log)
         self.task = task_for(meta)
-        self.train, self.val, _ = self.task.datasets(self.split, meta)
-        self.train_eval, _, _ = self.task.datasets(self.split, meta, augment=False)
-        self.train, self.fraction = subsample_dataset(self.train, o.fraction, o.seed, meta["classes"], log)
-        self.train_eval, _ = subsample_dataset(self.train_eval, o.fraction, o.seed)
+        thinned, self.fraction = fraction_of_split(self.split, o.fraction, o.seed, meta["classes"], log)
+        self.train, self.val, _ = self.task.datasets(thinned, meta)
+        self.train_eval, _, _ = self.task.datasets(thinned, meta, augment=False)
         self.seed, self.batch_size, self.workers = o.seed, o.batch_size, o.workers
 
     def loader(self, ds, shuffle: bool, epoch: int = 0, train: bool = False):

@@ -16,8 +16,9 @@ import numpy as np
 from rsedge.compress.counting import count_macs, count_params
 from rsedge.trainer.modelfile import load_model
 from rsedge.trainer.records import write_record
-from rsedge.trainer.sampling import check_fraction, fraction_info, stratified_fraction
+from rsedge.trainer.sampling import check_fraction, fraction_info, item_target, stratified_fraction
 from rsedge.trainer.stage import RunDirKind, build_options, model_items, open_run_dir
+from rsedge.trainer.tasks import stack_dataset, task_for
 
 from .int8_guard import GuardOptions, quantize_with_guard
 from .msb_onnx import int8_weight_onnx
@@ -35,7 +36,7 @@ EXPORT_DIR = RunDirKind("an export", ("calib", "model.onnx", "model_int8*.onnx",
 def stratified_sample(items: Sequence[Sequence[Any]], n: int, seed: int = 0) -> list[tuple[str, Any]]:
     """`n` items with every class represented in proportion (all items when there are fewer); items
     whose target is no class index (a segmentation pair's mask) form one stratum."""
-    items = [(str(a), int(b) if isinstance(b, (int, np.integer)) else str(b)) for a, b in items]
+    items = [(str(a), item_target(b)) for a, b in items]
     if n >= len(items):
         return items
     by_class: dict[Any, list[tuple[str, Any]]] = defaultdict(list)
@@ -58,8 +59,6 @@ def preprocess_items(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The samples of `items` at the model's input size, preprocessed as the task's evaluation does
     (float32 NCHW; segmentation: a few windows of each image), and their targets."""
-    from rsedge.trainer.tasks import stack_dataset, task_for
-
     images, targets = stack_dataset(task_for(meta).tensor_dataset(root, items, meta), meta["input_size"])
     if targets and hasattr(targets[0], "numpy"):
         return images, np.stack([t.numpy() for t in targets])
@@ -141,9 +140,8 @@ def export_run(model_file: str | Path, out: str | Path, options: ExportOptions |
     onnx_path = out / "model.onnx"
     info = export_onnx(model, meta, onnx_path, check, o.opset, o.dynamic_batch, o.simplifier, log)
     p = info["parity"]
-    agreement = "pixel agreement" if meta.get("task") == "segmentation" else "top-1 agreement"
     log(f"ONNX written to {onnx_path}: parity on {check_source}: max abs diff {p['max_abs_diff']:.2e}, "
-        f"{agreement} {p['top1_agreement']:.4f}")
+        f"{task_for(meta).agreement_name} {p['top1_agreement']:.4f}")
     stats = graph_stats(onnx_path)
     torch_counts = {"params": count_params(model), "macs": count_macs(model, meta["input_size"])}
     record: dict[str, Any] = {
@@ -186,8 +184,6 @@ GUARDED_TASKS = ("classification", "segmentation")  # top-1 in whole images; mIo
 def _guardable(meta: dict[str, Any]) -> bool:
     """The accuracy guard measures classification top-1 and segmentation mIoU; for another task
     its numbers would mean nothing."""
-    from rsedge.trainer.tasks import task_for
-
     return task_for(meta).name in GUARDED_TASKS
 
 
@@ -224,7 +220,7 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
         raise ValueError("--max-drop needs labeled validation images: the model's split, or --data DIR")
     else:
         val_x, val_y = check[:0], np.zeros(0, np.int64)
-    task = meta.get("task") or "classification"
+    task = task_for(meta).name
     fp32_pred = (predict_onnx(onnx_path, val_x, task) if len(val_y) and task == "classification"
                  else None)
     fp32_check = run_onnx(onnx_path, check)

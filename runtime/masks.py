@@ -379,8 +379,10 @@ def image_size(path):
         return int(im.size[1]), int(im.size[0])
 
 
-def write_index_mask(path, mask):
-    """An index mask as an 8-bit (or 16-bit when needed) PNG, or .npy by extension."""
+def write_index_mask(path, mask, palette=None):
+    """An index mask as an 8-bit (or 16-bit when needed) PNG, or .npy by extension. `palette`: 768
+    bytes (r, g, b per class id) that make an 8-bit mask a palette PNG, shown in colour by any
+    viewer while its pixel values stay the class ids."""
     mask = np.asarray(mask)
     if str(path).lower().endswith(".npy"):
         np.save(path, mask)
@@ -389,6 +391,10 @@ def write_index_mask(path, mask):
 
     if mask.size and int(mask.max()) > 255:
         Image.fromarray(mask.astype(np.uint16)).save(path)
-    else:
-        Image.fromarray(mask.astype(np.uint8)).save(path)
+        return
+    img = Image.fromarray(mask.astype(np.uint8))
+    if palette is not None:
+        img = img.convert("P")
+        img.putpalette(list(palette))
+    img.save(path)
 

@@ -226,3 +226,15 @@ def test_deeplab_through_every_stage_from_the_cli(tmp_path, capsys):
     assert all(run["accuracy"]["miou"] is not None for run in runs)
     q8 = (r / "q8-onnx" / "model.onnx").stat().st_size / (r / "onnx" / "model.onnx").stat().st_size
     assert q8 < 0.35  # int8 weights behind DequantizeLinear
+
+
+def test_prune_fraction_thins_the_tiles_before_they_are_cut(tmp_path, seg_run, scenes):
+    """--fraction on a segmentation model's Taylor scoring: the split's training images are thinned
+    before the windows are cut (thinning a window dataset's items afterwards left stale windows)."""
+    from rsedge.compress.prune import prune_run
+
+    out, record = seg_run
+    prune_run(out / "model.safetensors", tmp_path / "p", method="taylor", ratio=0.25, data=scenes, fraction=0.5,
+              taylor_batches=2, batch_size=4, workers=0, **QUIET)
+    pruned = json.loads((tmp_path / "p" / "record.json").read_text())
+    assert pruned["fraction"]["images"] == round(0.5 * record["split"]["counts"]["train"])

@@ -96,16 +96,9 @@ def new_model_meta(model_name: str, split: dict[str, Any], o: TrainOptions, stag
     spec = get_spec(model_name)
     img_size, weights = o.img_size, o.weights
     task = get_task(spec.task)
-    extra = task.split_meta(split)
-    if "overlap" in extra and o.overlap is not None:
-        if not 0 <= o.overlap < img_size:
-            raise ValueError(f"--overlap must be in [0, {img_size}), not {o.overlap}")
-        extra["overlap"] = int(o.overlap)
-    elif "overlap" in extra:
-        extra["overlap"] = img_size // 4
     return {
         "arch": model_name,
-        "task": get_task(spec.task).name,
+        "task": task.name,
         "model_args": dict(spec.args),
         "classes": split["classes"],
         "input_size": [img_size, img_size],
@@ -113,7 +106,7 @@ def new_model_meta(model_name: str, split: dict[str, Any], o: TrainOptions, stag
         "data_root": split["root"],
         "split": str(stage.split_path),
         "history": [{"stage": "train", "epochs": epochs, "initial_weights": weights}],
-        **extra,
+        **task.split_meta(split, o),
     }
 
 

@@ -20,7 +20,7 @@ def stratified_fraction(items: Sequence[Sequence[Any]], fraction: float, seed: i
     """round(F * n_c) images of every class c (at least one, so no class disappears), drawn with
     `seed`; the result keeps the order of `items`."""
     fraction = check_fraction(fraction)
-    items = [(str(rel), _target(label)) for rel, label in items]
+    items = [(str(rel), item_target(label)) for rel, label in items]
     if fraction == 1:
         return items
     by_class: dict[Any, list[tuple[str, Any]]] = defaultdict(list)
@@ -35,7 +35,7 @@ def stratified_fraction(items: Sequence[Sequence[Any]], fraction: float, seed: i
     return [it for it in items if it in chosen]
 
 
-def _target(label: Any) -> Any:
+def item_target(label: Any) -> Any:
     """A class index as an int; another target (a mask file of a segmentation pair) as a string:
     such items form one stratum."""
     return int(label) if isinstance(label, (int, float)) or str(label).isdigit() else str(label)
@@ -45,22 +45,22 @@ def fraction_info(fraction: float, seed: int, used: Sequence[Sequence[Any]], tot
                   classes: Sequence[str] | None = None) -> dict[str, Any]:
     """What the record says about a fraction: how many images of how many, per class."""
     info: dict[str, Any] = {"fraction": fraction, "seed": seed, "images": len(used), "of": len(total)}
-    if all(isinstance(_target(label), int) for _, label in used):
+    if all(isinstance(item_target(label), int) for _, label in used):
         per_class = Counter(int(label) for _, label in used)
         name = (lambda i: classes[i]) if classes else str
         info["per_class"] = {name(i): per_class[i] for i in sorted(per_class)}
     return info
 
 
-def subsample_dataset(ds, fraction: float, seed: int, classes: Sequence[str] | None = None,
-                      log=None) -> tuple[Any, dict[str, Any] | None]:
-    """Shrink an `ImageListDataset` in place to a stratified fraction; returns it and the record
+def fraction_of_split(split: dict[str, Any], fraction: float, seed: int, classes: Sequence[str] | None = None,
+                      log=None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`split` with its training part thinned to a stratified fraction, before any dataset is made
+    of it (a segmentation dataset cuts its tiles into windows when it is made), and the record
     entry (None when F is 1: nothing was left out)."""
     if check_fraction(fraction) == 1:
-        return ds, None
-    total = list(ds.items)
-    ds.items = stratified_fraction(total, fraction, seed)
-    info = fraction_info(fraction, seed, ds.items, total, classes)
+        return split, None
+    used = stratified_fraction(split["train"], fraction, seed)
+    info = fraction_info(fraction, seed, used, split["train"], classes)
     if log is not None:
-        log(f"--fraction {fraction:g}: {info['images']} of {info['of']} images, stratified by class (seed {seed})")
-    return ds, info
+        log(f"--fraction {fraction:g}: {info['images']} of {info['of']} training images (seed {seed})")
+    return {**split, "train": used}, info

@@ -156,8 +156,7 @@ def evaluate_model(model, dataset, meta: dict[str, Any], device: Any = "cpu", ba
     task = task_for(meta)
     device = pick_device(device) if isinstance(device, str) else device
     return evaluate(model, dataset, task.evaluator(meta), device, task.eval_batch_size(batch_size), workers,
-                    progress, log=log,
-                    collate=task.collate, predict=task.predictor(meta))
+                    progress, log=log, collate=task.collate, predict=task.predictor(meta))
 
 
 # -- a stage that trains --------------------------------------------------------------------------
@@ -202,16 +201,10 @@ class Stage:
 
     def data(self, split: dict[str, Any], meta: dict[str, Any], cfg) -> StageData:
         """The task's datasets of `split`, the training part thinned to `cfg.fraction` first."""
-        from .sampling import check_fraction, fraction_info, stratified_fraction
+        from .sampling import fraction_of_split
         from .tasks import task_for
 
-        fraction = None
-        if check_fraction(cfg.fraction) < 1:
-            used = stratified_fraction(split["train"], cfg.fraction, cfg.seed)
-            fraction = fraction_info(cfg.fraction, cfg.seed, used, split["train"], meta["classes"])
-            self.log(f"--fraction {cfg.fraction:g}: {fraction['images']} of {fraction['of']} training images "
-                     f"(seed {cfg.seed})")
-            split = {**split, "train": used}
+        split, fraction = fraction_of_split(split, cfg.fraction, cfg.seed, meta["classes"], self.log)
         train, val, test = task_for(meta).datasets(split, meta)
         return StageData(split, train, val, test, fraction)
 

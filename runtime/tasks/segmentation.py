@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import RuntimeToolError
 from ..fileio import atomic_write_text
+from ..masks import write_index_mask
 from ..preprocess import PreprocessSpec
 from ..segmetrics import DEFAULT_IGNORE_INDEX, SegScore
 from ..tiling import sliding_window
@@ -149,14 +150,9 @@ class PredictionWriter(object):
     def add(self, index, mask):
         name = "{:04d}".format(index)
         h, w = mask.shape
-        if self.Image is not None and mask.dtype == np.uint8:
-            name += ".png"
-            img = self.Image.frombytes("P", (w, h), np.ascontiguousarray(mask).tobytes())
-            img.putpalette(_palette(self.meta.get("colors"), len(self.meta.get("classes") or ())))
-            img.save(os.path.join(self.directory, name))
-        else:
-            name += ".npy"
-            np.save(os.path.join(self.directory, name), mask)
+        name += ".png" if self.Image is not None and mask.dtype == np.uint8 else ".npy"
+        write_index_mask(os.path.join(self.directory, name), mask,
+                         _palette(self.meta.get("colors"), len(self.meta.get("classes") or ())))
         self.files.append({"index": int(index), "file": name, "height": int(h), "width": int(w)})
 
     def finish(self):

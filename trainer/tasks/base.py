@@ -59,6 +59,7 @@ class Task(ABC):
     name = "?"
     primary_metric = "top1"
     higher_is_better = True
+    agreement_name = "top-1 agreement"  # what the export's parity calls the task's agreement
     outputs: tuple[str, ...] = ("logits",)  # output names of a model whose spec is not registered
     collate: Callable[[list[Any]], Any] | None = None  # None: torch's default_collate
     record_keys: tuple[str, ...] = ()  # result keys a stage's record keeps; () = primary, samples, skipped
@@ -106,9 +107,9 @@ class Task(ABC):
         check_classes(meta["classes"], classes, what=f"folder {root}")
         return samples
 
-    def split_meta(self, split: dict[str, Any]) -> dict[str, Any]:
+    def split_meta(self, split: dict[str, Any], options: Any) -> dict[str, Any]:
         """What a model trained on `split` stores about its data besides the classes (segmentation:
-        colours, ignore label, layout)."""
+        colours, ignore label, layout, window overlap); `options`: the run's run.TrainOptions."""
         return {}
 
     def check_input_size(self, size: Sequence[int]) -> None:

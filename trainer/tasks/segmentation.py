@@ -139,6 +139,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     primary_metric = "miou"
     higher_is_better = True
+    agreement_name = "pixel agreement"
     record_keys = ("miou", "global_accuracy", "mean_accuracy", "fwiou", "mean_bf", "per_class", "samples",
                    "pixels", "ignored", "skipped_images")
 
@@ -207,9 +208,13 @@ class SegmentationTask(Task):
         check_classes(meta["classes"], scan.classes, what=f"folder {root}")
         return [list(p) for p in scan.pairs]
 
-    def split_meta(self, split: dict[str, Any]) -> dict[str, Any]:
+    def split_meta(self, split: dict[str, Any], options: Any) -> dict[str, Any]:
+        """Colours, ignore label, layout, and the window overlap (default a quarter of the side)."""
+        size, overlap = options.img_size, options.overlap
+        if overlap is not None and not 0 <= overlap < size:
+            raise ValueError(f"--overlap must be in [0, {size}), not {overlap}")
         return {"colors": split.get("colors"), "ignore_index": int(split.get("ignore_index", IGNORE_INDEX)),
-                "data_layout": split.get("layout") or {}, "overlap": None}
+                "data_layout": split.get("layout") or {}, "overlap": size // 4 if overlap is None else int(overlap)}
 
     def check_input_size(self, size: Sequence[int]) -> None:
         from ..seg_models import check_input_size
@@ -258,9 +263,6 @@ class SegmentationTask(Task):
 
     def eval_batch_size(self, requested: int) -> int:
         return min(requested, 2)
-
-    def record_result(self, result: dict[str, Any]) -> dict[str, Any]:
-        return {k: result[k] for k in self.record_keys if k in result}
 
     def summary(self, result: dict[str, Any]) -> str:
         def pct(v: Any) -> str:
