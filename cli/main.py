@@ -50,9 +50,19 @@ def _version() -> str:
 
 
 def cmd_data_synth(args) -> int:
+    if args.task == "detect":
+        from rsedge.trainer.synth_det import write_synthetic_detection
+
+        n = args.images if args.images is not None else 240
+        summary = write_synthetic_detection(args.out, n_images=n, size=args.size or 160, seed=args.seed,
+                                            progress=True, exist_ok=args.exist_ok)
+        print(f"wrote {n} scenes with {summary['boxes']} boxes ({', '.join(summary['classes'])}; "
+              f"{summary['background_images']} background images) to {args.out} in the YOLO txt layout")
+        return 0
     if args.task == "segment":
         from rsedge.trainer.synth_seg import write_synthetic_segmentation
 
+        args.images = args.images if args.images is not None else 48
         summary = write_synthetic_segmentation(args.out, n_images=args.images, size=args.size or 128, seed=args.seed,
                                                progress=True, exist_ok=args.exist_ok)
         print(f"wrote {args.images} scenes with masks ({', '.join(summary['classes'])}) to {args.out}")
@@ -74,6 +84,35 @@ def _is_segmentation_data(args) -> bool:
     root = Path(args.data)
     found = _layout_of(root) if root.is_dir() else None
     return found is not None and found[0] == "segmentation"
+
+
+def _is_detection_data(args) -> bool:
+    from rsedge.trainer.datasets import _layout_of
+
+    if getattr(args, "names", None):
+        return True
+    root = Path(args.data)
+    found = _layout_of(root) if root.is_dir() else None
+    return found is not None and found[0].startswith("detection")
+
+
+def _print_detection_split(split: dict) -> None:
+    layout, report, boxes = split["layout"], split["report"], split["boxes"]
+    print(f"{split['root']}: detection ({layout.get('kind')} layout), {len(split['classes'])} classes, "
+          f"{report['images']} images, {boxes['total']} boxes; train {split['counts']['train']}, "
+          f"val {split['counts']['val']}, test {split['counts']['test']}; {len(split['skipped'])} unreadable")
+    width = max(len(c) for c in split["classes"])
+    for name, n in zip(split["classes"], boxes["per_class"]):
+        print(f"  {name:<{width}}  {n:6d} boxes")
+    bad = {k: report[k] for k in ("class_out_of_range", "degenerate", "clipped", "outside_dropped", "malformed",
+                                  "labels_without_image", "background_images") if report.get(k)}
+    if bad:
+        print("labels: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in bad.items()))
+        for kind, examples in (report.get("examples") or {}).items():
+            for example in examples[:3]:
+                print(f"  {kind.replace('_', ' ')}: {example}")
+    for note in split.get("notes") or []:
+        print(f"note: {note}")
 
 
 def _print_segmentation_split(split: dict) -> None:
@@ -104,7 +143,13 @@ def cmd_data_check(args) -> int:
     if args.fraction < 1 and args.out:
         raise ValueError("--fraction checks a sample of the images: its split is no split to train on, so it "
                          "cannot be written with --out")
-    if _is_segmentation_data(args):
+    if _is_detection_data(args):
+        from rsedge.trainer.detdata import DetLayout, make_detection_split
+
+        split = make_detection_split(args.data, DetLayout(names=args.names), val=args.val, test=args.test,
+                                     seed=args.seed)
+        _print_detection_split(split)
+    elif _is_segmentation_data(args):
         from rsedge.trainer.segdata import SegLayout, make_segmentation_split
 
         layout = SegLayout(images=args.images, masks=args.masks, colormap=args.colormap)
@@ -134,13 +179,29 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _task_defaults(args) -> None:
+    """--lr and --val where the user gave none: the task's (a detector trains at SGD 0.01 on the
+    paper's 80/20 split; classification and segmentation keep a validation part)."""
+    from rsedge.trainer.models import get_spec
+    from rsedge.trainer.tasks import get_task
+
+    task = get_task(get_spec(args.model).task)
+    if args.lr is None and task.default_lr:
+        args.lr = task.default_lr.get(args.optimizer)
+    if args.val is None:
+        args.val = 0.0 if task.name == "detection" else 0.1
+
+
 def cmd_train(args) -> int:
     from rsedge.trainer.run import TrainOptions, train_run
 
-    layout = {k: getattr(args, k) for k in ("images", "masks", "colormap") if getattr(args, k)}
+    _task_defaults(args)
+    layout = {k: getattr(args, k) for k in ("images", "masks", "colormap", "names") if getattr(args, k)}
+    model_args = {k: v for k, v in (("act", args.act), ("anchor_generations", args.anchor_generations)) if v}
     options = TrainOptions(img_size=args.img_size, cfg=_train_config(args), weights=args.weights,
                            partial_weights=args.partial_weights, val=args.val, test=args.test, split_file=args.split,
-                           layout=layout or None, overlap=args.overlap, resume=args.resume, exist_ok=args.exist_ok,
+                           layout=layout or None, overlap=args.overlap, mosaic=args.mosaic,
+                           model_args=model_args or None, resume=args.resume, exist_ok=args.exist_ok,
                            progress=not args.quiet)
     train_run(args.data, args.model, args.out, options)
     print(f"model written to {os.path.join(args.out, 'model.safetensors')}")
@@ -162,7 +223,8 @@ def cmd_export(args) -> int:
     options = ExportOptions(opset=args.opset, dynamic_batch=args.dynamic_batch, simplifier=args.simplifier,
                             data=args.data, int8=args.int8, calib_data=args.calib_data, calib_size=args.calib_size,
                             calib_method=args.calib_method, max_drop=args.max_drop, guard_images=args.guard_images,
-                            fraction=args.fraction, exist_ok=args.exist_ok)
+                            fraction=args.fraction, nms=args.nms, nms_class_agnostic=args.nms_class_agnostic,
+                            exist_ok=args.exist_ok)
     export_run(args.model, args.out, options)
     return 0
 
@@ -221,12 +283,14 @@ def _add_data_parsers(sub) -> None:
                         "(demo and tests)", formatter_class=_Formatter)
     s.add_argument("--out", required=True, help="folder to write into: <class>/<image>.png (classify), or "
                    "images/, masks/ (colour-coded) and class_dict.csv (segment)")
-    s.add_argument("--task", choices=("classify", "segment"), default="classify",
+    s.add_argument("--task", choices=("classify", "segment", "detect"), default="classify",
                    help="classify: one folder per land-cover class; segment: scenes of fields, roads, buildings "
-                   "and water with their masks")
+                   "and water with their masks; detect: planes, ships and storage tanks on textured ground with "
+                   "YOLO txt labels (images/, labels/, data.yaml)")
     s.add_argument("--per-class", type=int, default=100, help="classify: images per class")
-    s.add_argument("--images", type=int, default=48, help="segment: number of scenes")
-    s.add_argument("--size", type=int, default=None, help="image side in pixels (default: 64 classify, 128 segment)")
+    s.add_argument("--images", type=int, default=None, help="segment / detect: number of scenes (default 48 / 240)")
+    s.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default: 64 classify, 128 segment, 160 detect)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same images")
     s.add_argument("--exist-ok", action="store_true",
                    help="write into a folder that holds an earlier `data synth` output (its images are deleted "
@@ -239,6 +303,7 @@ def _add_data_parsers(sub) -> None:
     c.add_argument("--images", help="segmentation: name of the image folders when not found by convention")
     c.add_argument("--masks", help="segmentation: name of the mask folders when not found by convention")
     c.add_argument("--colormap", help="segmentation: colour map of colour-coded masks (CSV name,r,g,b or JSON)")
+    c.add_argument("--names", help="detection, YOLO txt layout: class names (.names file or data.yaml)")
     c.add_argument("--val", type=float, default=0.1, help="validation fraction per class")
     c.add_argument("--test", type=float, default=0.2, help="test fraction per class")
     c.add_argument("--seed", type=int, default=0, help="split seed")
@@ -273,12 +338,21 @@ def _add_model_parsers(sub) -> None:
     seg.add_argument("--overlap", type=int, default=None,
                      help="pixels shared by neighbouring windows, in training patches and in sliding-window "
                      "evaluation (default: a quarter of --img-size)")
+    det = t.add_argument_group("detection (yolo_n, yolo_s; later stages reuse them from the model file)")
+    det.add_argument("--names", help="YOLO txt layout: class names, a darknet .names file (one a line) or a data.yaml "
+                     "(default: such a file next to the images or at the dataset root)")
+    det.add_argument("--act", choices=("silu", "relu"), default=None,
+                     help="activation (default silu; relu is the INT8-friendlier one on TensorRT)")
+    det.add_argument("--mosaic", type=float, default=0.0, help="probability of a four-image mosaic per training image")
+    det.add_argument("--anchor-generations", type=int, default=0,
+                     help="genetic refinement of the k-means anchors, in generations (0: k-means only)")
     t.add_argument("--weights", help="initial weights: a local .safetensors or state-dict .pth (never downloaded)")
     t.add_argument("--partial-weights", action="store_true",
                    help="accept --weights of which fewer than 90 %% of the model's tensors (head excluded) load, "
                    "or of which over 10 %% fit no layer (weights of another architecture)")
     t.add_argument("--exist-ok", action="store_true", help="overwrite an existing run directory")
-    t.add_argument("--val", type=float, default=0.1, help="validation fraction per class")
+    t.add_argument("--val", type=float, default=None,
+                   help="validation fraction per class (default 0.1; detection 0: the paper's 80/20 split)")
     t.add_argument("--test", type=float, default=0.2, help="test fraction per class")
     t.add_argument("--split", help="reuse this split.json instead of making a new split")
     _add_training_options(t, epochs=30)
@@ -320,11 +394,17 @@ def _add_export_parsers(sub) -> None:
                    help="activation range calibration")
     x.add_argument("--max-drop", type=float, default=None,
                    help="accuracy guard: keep the most quantization-sensitive layers in float until the INT8 "
-                   "top-1 drop on the validation split is at most this many points (counted in whole images); "
-                   "an INT8 file that cannot meet it is not written")
+                   "drop on the validation split is at most this many points (top-1 counted in whole images; "
+                   "mIoU for segmentation; mAP@0.5 for detection); an INT8 file that cannot meet it is not written")
     x.add_argument("--guard-images", type=int, default=1000,
                    help="validation images (stratified) the INT8 accuracy is measured on")
     _add_fraction_option(x, "the training images the INT8 calibration set is drawn from (needs --int8)")
+    x.add_argument("--nms", choices=("none", "trt"), default="none",
+                   help="detection: trt also writes model_nms_trt.onnx, the graph with TensorRT's EfficientNMS_TRT "
+                   "plugin at the model's deployment thresholds (TensorRT >= 8.0 only; model.onnx keeps boxes and "
+                   "scores, NMS on the device in numpy)")
+    x.add_argument("--nms-class-agnostic", action="store_true",
+                   help="with --nms trt: one NMS over all classes (EfficientNMS_TRT reads it from TensorRT 8.6)")
     x.add_argument("--exist-ok", action="store_true", help="overwrite an existing run directory")
     x.set_defaults(func=cmd_export)
 

@@ -72,7 +72,7 @@ def finetune_run(model_file: str | Path, data: str | Path, out: str | Path, opti
     loss_fn = adaptive_loss(o.aml_r) if o.loss == "aml" else None
     teacher_info = None
     if o.kd_from is not None:
-        loss_fn, teacher_info = distilled_loss(o, meta, cfg, loss_fn or task_for(meta).training_loss(cfg))
+        loss_fn, teacher_info = distilled_loss(o, meta, cfg, loss_fn or task_for(meta).model_loss(meta, cfg))
     new_meta = derive_meta(
         meta, "finetune",
         history_entry={"epochs": cfg.epochs, "loss": o.loss, "source": str(Path(model_file).resolve()),

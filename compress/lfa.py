@@ -26,27 +26,49 @@ from rsedge.trainer.modelfile import trace
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d)
 
 
-def _head_input(gm, head: Sequence[str] | None):
-    """The node a dense model's head reads: the input of its last declared head module (DeepLabV3+:
-    the decoder's stride-4 map; LR-ASPP: its high-level branch), or None."""
+def _head_names(gm, head: Sequence[str] | None) -> tuple[str, ...]:
     if head is None:
         from rsedge.trainer.models import model_spec
 
         spec = model_spec(gm)
         head = spec.head if spec is not None else ()
+    return tuple(head)
+
+
+def _head_input(gm, head: Sequence[str] | None):
+    """The node a dense model's head reads: the input of its last declared head module (DeepLabV3+:
+    the decoder's stride-4 map; LR-ASPP: its high-level branch), or None."""
+    head = _head_names(gm, head)
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in set(head)]
     calls = [n for n in calls if n.target == head[-1]] or calls
     return calls[0].args[0] if calls else None
 
 
-def feature_model(model: nn.Module, copy: bool = True, head: Sequence[str] | None = None) -> nn.Module:
-    """A traced `model` (a copy unless `copy=False`) whose output is (logits, F), F the map
+def _every_head_input(gm, head: Sequence[str] | None) -> list:
+    """The input of every declared head module, in the declared order (a detector's detection layers)."""
+    head = _head_names(gm, head)
+    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in set(head)}
+    missing = [h for h in head if h not in calls]
+    if missing:
+        raise ValueError(f"the model's graph calls no head module {', '.join(missing)}: cannot read its feature maps")
+    return [calls[h].args[0] for h in head]
+
+
+def feature_model(model: nn.Module, copy: bool = True, head: Sequence[str] | None = None,
+                  every_head: bool = False) -> nn.Module:
+    """A traced `model` (a copy unless `copy=False`) whose output is (outputs, F), F the map
     before global pooling; a model without one (segmentation) gives the map its head reads
-    (`head`: module names, default the model spec's)."""
+    (`head`: module names, default the model spec's); `every_head`: F is the list of the maps
+    every head module reads (a detector's detection layers, eq. 2 of seed 001)."""
     import copy as _copy
 
     gm = trace(_copy.deepcopy(model) if copy else model)
     graph = gm.graph
+    out = next(n for n in graph.nodes if n.op == "output")
+    if every_head:
+        out.args = ((out.args[0], list(_every_head_input(gm, head))),)
+        gm.recompile()
+        return gm.eval()
     flat = next((n for n in graph.nodes if n.op == "call_function" and n.target is torch.flatten), None)
     node = flat.args[0] if flat is not None else _head_input(gm, head)
     if node is None:
@@ -58,7 +80,6 @@ def feature_model(model: nn.Module, copy: bool = True, head: Sequence[str] | Non
         if not pooled:
             break
         node = node.args[0]
-    out = next(n for n in graph.nodes if n.op == "output")
     logits = out.args[0]
     out.args = ((logits, node),)
     gm.recompile()
@@ -66,18 +87,28 @@ def feature_model(model: nn.Module, copy: bool = True, head: Sequence[str] | Non
 
 
 @torch.no_grad()
-def feature_attention(fm: nn.Module, images: torch.Tensor, masks: torch.Tensor, batch: int = 32) -> float:
-    total = 0.0
+def feature_attention(fm: nn.Module, images: torch.Tensor, masks: Any, batch: int = 32) -> float | list[float]:
+    """Eq. 1: FA = 1/k sum over images of sum(F * M). With F a list of maps (`every_head`) and
+    `masks` a list of masks at their sizes, one FA per map."""
+    totals: list[float] | None = None
     for i in range(0, len(images), batch):
-        _, feat = fm(images[i:i + batch])
-        total += float((feat * masks[i:i + batch, None]).sum())
-    return total / max(len(images), 1)
+        _, feats = fm(images[i:i + batch])
+        single = torch.is_tensor(feats)
+        feats, level_masks = ([feats], [masks]) if single else (list(feats), list(masks))
+        sums = [float((f * m[i:i + batch, None]).sum()) for f, m in zip(feats, level_masks)]
+        totals = sums if totals is None else [a + b for a, b in zip(totals, sums)]
+    k = max(len(images), 1)
+    values = [t / k for t in (totals or [0.0])]
+    return values[0] if torch.is_tensor(masks) else values
 
 
-def lfa(fa_pruned: float, fa_sparse: float) -> float:
-    if fa_sparse == 0:
+def lfa(fa_pruned: float | Sequence[float], fa_sparse: float | Sequence[float]) -> float:
+    """Eq. 2: 1 - FA_pruned / FA_sparse, averaged over the detection layers when given per layer."""
+    pruned = [fa_pruned] if isinstance(fa_pruned, (int, float)) else list(fa_pruned)
+    sparse = [fa_sparse] if isinstance(fa_sparse, (int, float)) else list(fa_sparse)
+    if any(s == 0 for s in sparse):
         raise ValueError("the sparse model has no activation inside the target regions (FA = 0)")
-    return 1.0 - fa_pruned / fa_sparse
+    return sum(1.0 - p / s for p, s in zip(pruned, sparse)) / len(sparse)
 
 
 def search_threshold(
@@ -88,7 +119,9 @@ def search_threshold(
     refine: int = 8,
     log: Callable[[str], None] = print,
 ) -> tuple[float | None, list[dict[str, Any]]]:
-    """The largest threshold whose L_FA stays within `target`. `evaluate(delta)` returns
+    """The largest threshold whose L_FA stays within `target` on either side (|L_FA| <= target: a
+    pruned model that attends much MORE to the targets than the sparse one has changed as much as
+    one that attends less, and SiLU maps make such swings real). `evaluate(delta)` returns
     (L_FA, fraction of channels pruned). A coarse grid of score quantiles first, then bisection
     over the distinct scores between the last passing and the first failing grid point (L_FA is
     not strictly monotone once rounding to multiples of 8 steps in)."""
@@ -108,7 +141,7 @@ def search_threshold(
     points = sorted({float(torch.quantile(values, q)) for q in qs})
     best = None
     for d in points:
-        if run(d) <= target:
+        if abs(run(d)) <= target:
             best = d
     above = [d for d in points if best is None or d > best]
     first_fail = above[0] if above else None
@@ -119,7 +152,7 @@ def search_threshold(
         if lo > hi:
             break
         mid = (lo + hi) // 2
-        if run(cand[mid]) <= target:
+        if abs(run(cand[mid])) <= target:
             best, lo = cand[mid], mid + 1
         else:
             hi = mid - 1

@@ -178,7 +178,7 @@ class _Data:
         from rsedge.trainer.stage import split_for_model
 
         self.split = split_for_model(meta, data, out, seed=o.seed, progress=o.progress, log=log)
-        self.task = task_for(meta)
+        self.task, self.meta = task_for(meta), meta
         thinned, self.fraction = fraction_of_split(self.split, o.fraction, o.seed, meta["classes"], log)
         self.train, self.val, _ = self.task.datasets(thinned, meta)
         self.train_eval, _, _ = self.task.datasets(thinned, meta, augment=False)
@@ -203,10 +203,11 @@ class _Data:
         if bad:
             print(f"warning: {len(bad)} image(s) unreadable since the split was made, skipped, e.g. {bad[0].path}")
         good = [s for s in samples if not isinstance(s, Unreadable)]
-        xs, ys = zip(*good) if good else ((), ())
-        if not xs:
+        if not good:
             raise ValueError("the split has no images for this step")
-        return torch.stack(xs), torch.utils.data.default_collate(list(ys))
+        collate = getattr(getattr(self, "task", None), "collate", None) or torch.utils.data.default_collate
+        images, targets = collate(list(good))
+        return images, targets
 
 
 def _taylor_criterion(model: nn.Module, data: _Data, o: PruneOptions, device, log
@@ -216,7 +217,7 @@ def _taylor_criterion(model: nn.Module, data: _Data, o: PruneOptions, device, lo
     from .taylor import taylor_scores
 
     scores = taylor_scores(model, data.loader(data.train_eval, shuffle=True), o.taylor_batches, device,
-                           o.progress, loss=data.task.loss)
+                           o.progress, loss=data.task.model_loss(data.meta))
     model.cpu()
     info = {"batches": min(o.taylor_batches, len(data.loader(data.train_eval, shuffle=False)))}
     return Taylor({m: s for m, s in scores.items()}), info
@@ -242,7 +243,7 @@ def _cap_criterion(model: nn.Module, data: _Data, o: PruneOptions, device, log) 
 
     s_bar, info = channel_attention(model, bns, _Epochs(), sample_batches, epochs=o.cap_epochs, lr=o.cap_lr,
                                     train_model=o.cap_train_model, device=device, seed=data.seed,
-                                    progress=o.progress, loss=data.task.loss)
+                                    progress=o.progress, loss=data.task.model_loss(data.meta))
     model.cpu()
     crit = ChannelAttention({bn: s.cpu() for bn, s in s_bar.items()})
     if o.cap_train_model:
@@ -279,7 +280,8 @@ def _search_lfa(model: nn.Module, meta: dict[str, Any], crit: Criterion, data: _
     ign = head_modules(model, data.task.head(meta)) + excluded_layers(model, o.exclude)
     plan = build_units(model, example, crit, ign, coupling)
     images, targets = data.tensors(data.val if len(data.val) else data.train_eval, o.lfa_images)
-    fm = feature_model(model)
+    every = getattr(data.task, "lfa_every_head", False)
+    fm = feature_model(model, every_head=every)
     masks = data.task.target_regions(fm, images, targets)
     fa_sparse = feature_attention(fm, images, masks)
     scored = [u.scores for u in plan.units if u.scores is not None]
@@ -289,10 +291,10 @@ def _search_lfa(model: nn.Module, meta: dict[str, Any], crit: Criterion, data: _
 
     def evaluate(delta: float) -> tuple[float, float]:
         select(plan, threshold=delta, **select_kw)
-        fa = feature_attention(feature_model(masked_copy(model, plan), copy=False), images, masks)
+        fa = feature_attention(feature_model(masked_copy(model, plan), copy=False, every_head=every), images, masks)
         return lfa(fa, fa_sparse), sum(len(u.prune) for u in plan.units) / total
 
-    log(f"searching the gamma threshold for L_FA <= {target:.2%} on {len(images)} images")
+    log(f"searching the gamma threshold for |L_FA| <= {target:.2%} on {len(images)} images")
     best, curve = search_threshold(torch.cat(scored), evaluate, target, log=log)
     if best is None:
         raise ValueError(f"even the smallest gamma threshold loses more than {target:.2%} of the feature attention; "

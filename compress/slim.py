@@ -77,7 +77,7 @@ def apply_plan(plan: Plan) -> tuple[nn.Module, list[dict[str, Any]]]:
         keep = sorted(set(range(u.channels)) - set(u.prune))
         for p in u.producers:
             kept[p] = keep
-    return apply(model, kept)
+    return apply(model, kept, plan.structure)
 
 
 def _spatial_sum(w: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ INT8_VARIANTS = {"int8": ("int8-qdq", INT8_NAME), "int8_cpu": ("int8-cpu", INT8_
 GUARD_KEYS = ("status", "reason", "target", "precision", "fp32_top1", "int8_top1", "fp32_correct", "int8_correct",
               "images_lost", "drop_points", "max_drop", "budget_images", "resolution_points", "resolves_budget",
               "validation_images", "kept_in_float", "quantized_nodes", "quantizable_nodes", "quantized_fraction",
-              "metric", "fp32_miou", "int8_miou")
+              "metric", "fp32_miou", "int8_miou", "fp32_map50", "int8_map50")
 
 
 def write_eval_set(out: Path, root: Path, items: list, meta: dict[str, Any]) -> dict[str, Any]:

@@ -230,41 +230,73 @@ class ImageScorer:
                 f"lost {best['images_lost']} image(s) ({best['drop_points']:.2f} points)")
 
 
-class MeanIoUScorer:
-    """Segmentation: mean IoU over the validation windows by the runtime's accumulator, the budget in
-    mIoU points (a pixel metric: no whole-image rounding applies)."""
+class MetricScorer:
+    """A dense task's metric over the validation set by the runtime's accumulator, the budget in
+    points of it (no whole-image rounding applies): mIoU on segmentation windows, mAP@0.5 on
+    detection images."""
 
-    def __init__(self, fp32_onnx: str | Path, images: np.ndarray, masks: np.ndarray, max_drop: float | None,
-                 metadata: dict[str, Any]):
+    METRICS = {"segmentation": ("miou", "mIoU", "windows"), "detection": ("map50", "mAP@0.5", "images")}
+
+    def __init__(self, fp32_onnx: str | Path, images: np.ndarray, targets: Any, max_drop: float | None,
+                 metadata: dict[str, Any], task: str = "segmentation"):
         if max_drop is not None and max_drop < 0:
             raise ValueError(f"--max-drop must be at least 0 points, not {max_drop}")
-        self.images, self.masks, self.n, self.max_drop = images, masks, int(len(masks)), max_drop
+        self.task = task
+        self.metric, self.label, self.unit = self.METRICS[task]
+        self.images, self.targets, self.n, self.max_drop = images, targets, int(len(targets)), max_drop
         self.metadata = metadata
         if max_drop is not None and self.n == 0:
             raise ValueError("the INT8 accuracy guard needs labeled validation images")
-        self.fp32 = self._miou(fp32_onnx)
+        self.fp32 = self._value(fp32_onnx)
 
-    def _miou(self, path: str | Path) -> float:
+    def _value(self, path: str | Path) -> float:
         if not self.n:
             return 0.0
-        return float(evaluate_onnx(path, self.images, self.masks, task="segmentation",
-                                   metadata=self.metadata)["miou"] or 0.0)
+        return float(evaluate_onnx(path, self.images, self.targets, task=self.task,
+                                   metadata=self.metadata)[self.metric] or 0.0)
 
     def score(self, path: Path) -> dict[str, Any]:
-        miou = self._miou(path)
-        drop = 100 * (self.fp32 - miou)
-        return {"int8_miou": miou, "drop_points": drop, "score": miou,
+        value = self._value(path)
+        drop = 100 * (self.fp32 - value)
+        return {f"int8_{self.metric}": value, "drop_points": drop, "score": value,
                 "within_budget": self.max_drop is None or drop <= self.max_drop + 1e-9}
 
     def describe(self, a: dict[str, Any]) -> str:
-        return f"mIoU {100 * a['int8_miou']:.2f} % (FP32 {100 * self.fp32:.2f} %) = {a['drop_points']:.2f} points"
+        return (f"{self.label} {100 * a[f'int8_{self.metric}']:.2f} % (FP32 {100 * self.fp32:.2f} %) = "
+                f"{a['drop_points']:.2f} points")
 
     def record(self, best: dict[str, Any]) -> dict[str, Any]:
-        return {"metric": "miou", "fp32_miou": self.fp32, "int8_miou": best["int8_miou"]}
+        return {"metric": self.metric, f"fp32_{self.metric}": self.fp32,
+                f"int8_{self.metric}": best[f"int8_{self.metric}"]}
 
     def shortfall(self, best: dict[str, Any], max_drop: float | None) -> str:
-        return (f"no attempt met --max-drop {max_drop} mIoU points on {self.n} validation windows: the best lost "
-                f"{best['drop_points']:.2f} points")
+        return (f"no attempt met --max-drop {max_drop} {self.label} points on {self.n} validation {self.unit}: the "
+                f"best lost {best['drop_points']:.2f} points")
+
+
+def tail_nodes(onnx_path: str | Path) -> list[str]:
+    """Names of the nodes after the last convolutions (a detector's box decode: sigmoid, grid
+    offsets, anchor scaling, in input pixels): kept in float, as 8 bits over a 640 px range would
+    move every box by up to 2.5 px."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    feeds_conv: dict[str, bool] = {}
+
+    def leads_to_conv(node) -> bool:
+        key = node.name or id(node)
+        if key not in feeds_conv:
+            feeds_conv[key] = False
+            feeds_conv[key] = any(c.op_type == "Conv" or leads_to_conv(c)
+                                  for out in node.output for c in consumers.get(out, []))
+        return feeds_conv[key]
+
+    return [n.name for n in graph.node if n.name and n.op_type != "Conv" and not leads_to_conv(n)
+            and n.op_type not in ("Constant",)]
 
 
 class _Attempts:
@@ -275,10 +307,12 @@ class _Attempts:
         self.pre, self.calib, self.scorer = pre, calib, scorer
         self.method, self.target, self.log = method, target, log
         self.all: list[dict[str, Any]] = []
+        self.always_float: list[str] = []
 
     def run(self, excluded: list[str]) -> dict[str, Any]:
         path = self.pre.with_name(f"q{len(self.all)}.onnx")
-        info = quantize_qdq(self.pre, path, self.calib, self.method, exclude_nodes=excluded, preprocess=False,
+        info = quantize_qdq(self.pre, path, self.calib, self.method, exclude_nodes=self.always_float + excluded,
+                            preprocess=False,
                             target=self.target, log=self.log)
         a = {"n": len(self.all) + 1, "excluded": list(excluded), **self.scorer.score(path),
              "quantized_nodes": info["quantized_nodes"], "quantizable_nodes": info["quantizable_nodes"],
@@ -328,7 +362,8 @@ class GuardOptions:
     method: str = "minmax"
     sensitivity_images: int = 32
     target: str = "tensorrt"
-    task: str = "classification"  # segmentation: the drop is in mIoU points, val_labels are masks
+    task: str = "classification"  # segmentation / detection: the drop in mIoU / mAP@0.5 points
+    keep_tail_float: bool = False  # the nodes after the last convolutions stay float (a detector's decode)
     metadata: dict[str, Any] | None = None  # the model's rsedge.* table (segmentation: classes, ignore label)
 
 
@@ -359,11 +394,14 @@ def quantize_with_guard(
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         preprocess_for_quantization(fp32_onnx, pre, log)
-        if o.task == "segmentation":
-            scorer: Any = MeanIoUScorer(fp32_onnx, val_images, val_labels, max_drop, o.metadata or {})
+        if o.task in MetricScorer.METRICS:
+            scorer: Any = MetricScorer(fp32_onnx, val_images, val_labels, max_drop, o.metadata or {}, o.task)
         else:
             scorer = ImageScorer(fp32_onnx, val_images, val_labels, max_drop, fp32_predictions, log)
         attempts = _Attempts(pre, calib, scorer, method, target, log)
+        if o.keep_tail_float:
+            attempts.always_float = tail_nodes(pre)
+            log(f"{len(attempts.always_float)} node(s) after the last convolutions (the box decode) kept in float")
         sensitivity = attempts.search(o.sensitivity_images)
         chosen, best = attempts.choose()
         if chosen is not None:

@@ -9,6 +9,7 @@ writes the rsedge.* metadata table (`Task.preprocess`), so a new task exports wi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -204,6 +205,19 @@ def run_torch(model: nn.Module, images: np.ndarray, batch: int = 64) -> np.ndarr
     return np.concatenate(outs)
 
 
+@torch.no_grad()
+def run_torch_outputs(module: nn.Module, images: np.ndarray, names: Sequence[str], batch: int = 64
+                      ) -> dict[str, np.ndarray]:
+    """Every output of the module an export writes (one tensor, or a tuple: a detector's boxes and
+    scores), by the export's output names."""
+    module.eval()
+    chunks: list[tuple[np.ndarray, ...]] = []
+    for i in range(0, len(images), batch):
+        out = module(torch.from_numpy(images[i : i + batch]))
+        chunks.append(tuple(o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))))
+    return {name: np.concatenate([c[k] for c in chunks]) for k, name in enumerate(names)}
+
+
 def _named(outputs: Any, first_only: bool = False) -> dict[str, np.ndarray]:
     named = outputs.as_dict() if hasattr(outputs, "as_dict") else dict(outputs) if isinstance(outputs, dict) else {
         "output0": np.asarray(outputs)}
@@ -285,10 +299,11 @@ def export_onnx(
     h, w = meta["input_size"]
     raw = path.with_suffix(".raw.onnx")
     example = torch.zeros(1, 3, h, w)
-    to_export, replaced = exportable(model, example)
+    task = task_for(meta)
+    module = task.export_module(model, meta).eval()
+    to_export, replaced = exportable(module, example)
     if replaced:
         log(f"adaptive pooling of {', '.join(replaced)} exported as its exact fixed-size equivalent (MatMul)")
-    task = task_for(meta)
     exporter = _torch_export(to_export, example, raw, opset, task.export_outputs(meta),
                              task.dynamic_axes(meta, dynamic_batch))
     probe = check_images[: min(len(check_images), 8)] if dynamic_batch else check_images[:1]
@@ -298,6 +313,7 @@ def export_onnx(
     set_metadata(proto, metadata_props(meta))
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
-    result = parity(run_torch(model, check_images), run_onnx(path, check_images), task=task.name)
+    result = parity(run_torch_outputs(module, check_images, task.export_outputs(meta)),
+                    run_onnx_outputs(path, check_images), task=task.name)
     return {"exporter": exporter, "opset": opset, "dynamic_batch": dynamic_batch, "simplify": simp, "parity": result,
             "fixed_adaptive_pools": replaced}

@@ -22,7 +22,7 @@ from rsedge.trainer.tasks import stack_dataset, task_for
 
 from .int8_guard import GuardOptions, quantize_with_guard
 from .msb_onnx import int8_weight_onnx
-from .onnx_export import DEFAULT_OPSET, export_onnx, parity, predict_onnx, preprocess_spec, run_onnx
+from .onnx_export import DEFAULT_OPSET, export_onnx, parity, predict_onnx, preprocess_spec, run_onnx_outputs
 from .onnx_graph import graph_stats
 
 # target -> (record key, file name); the TensorRT file keeps the name it always had
@@ -59,10 +59,9 @@ def preprocess_items(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The samples of `items` at the model's input size, preprocessed as the task's evaluation does
     (float32 NCHW; segmentation: a few windows of each image), and their targets."""
-    images, targets = stack_dataset(task_for(meta).tensor_dataset(root, items, meta), meta["input_size"])
-    if targets and hasattr(targets[0], "numpy"):
-        return images, np.stack([t.numpy() for t in targets])
-    return images, np.asarray(targets) if targets else np.zeros(0, np.int64)
+    task = task_for(meta)
+    images, targets = stack_dataset(task.tensor_dataset(root, items, meta), meta["input_size"])
+    return images, task.device_targets(targets) if targets else np.zeros(0, np.int64)
 
 
 def save_calibration(images: np.ndarray, folder: Path, per_file: int = 64) -> list[str]:
@@ -106,9 +105,13 @@ class ExportOptions:
     guard_images: int = 1000
     int8_targets: tuple[str, ...] = tuple(INT8_OUTPUTS)
     fraction: float = 1.0  # the calibration images come from this part of the pool
+    nms: str = "none"  # detection: "trt" also writes model_nms_trt.onnx with TensorRT's EfficientNMS_TRT
+    nms_class_agnostic: bool = False  # EfficientNMS_TRT's class_agnostic (TensorRT >= 8.6)
     exist_ok: bool = False
 
     def check(self) -> None:
+        if self.nms not in ("none", "trt"):
+            raise ValueError(f"--nms must be none or trt, not {self.nms!r}")
         if check_fraction(self.fraction) < 1 and not self.int8:
             raise ValueError("--fraction thins the INT8 calibration images: it needs --int8")
         if self.max_drop is not None and self.max_drop < 0:
@@ -125,7 +128,8 @@ class ExportOptions:
         return {"opset": self.opset, "dynamic_batch": self.dynamic_batch, "simplifier": self.simplifier,
                 "int8": self.int8, "calib_size": self.calib_size, "calib_method": self.calib_method,
                 "max_drop": self.max_drop, "guard_images": self.guard_images,
-                "int8_targets": list(self.int8_targets) if self.int8 else [], "fraction": self.fraction}
+                "int8_targets": list(self.int8_targets) if self.int8 else [], "fraction": self.fraction,
+                "nms": self.nms, "nms_class_agnostic": self.nms_class_agnostic}
 
 
 def export_run(model_file: str | Path, out: str | Path, options: ExportOptions | None = None, *,
@@ -150,12 +154,30 @@ def export_run(model_file: str | Path, out: str | Path, options: ExportOptions |
         "onnx": {"file": onnx_path.name, **info, "parity_images": check_source, "graph": stats,
                  "pytorch": torch_counts},
     }
+    if o.nms == "trt":
+        record["nms"] = _trt_nms(onnx_path, meta, o, log)
     if o.int8:
         record.update(export_int8(onnx_path, meta, o.data, check, o.int8_settings(), log))
     # msb-fixed model (`rsedge quantize`): model.onnx -> int8 weights behind DequantizeLinear ({} otherwise)
     record["onnx"].update(int8_weight_onnx(onnx_path, model, meta, check, log))
     write_record(out, "export", record)
     return record
+
+
+def _trt_nms(onnx_path: Path, meta: dict[str, Any], o: ExportOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    """model_nms_trt.onnx beside model.onnx, at the model's deployment thresholds."""
+    from .trt_nms import NMS_FILE, NmsOptions, append_efficient_nms
+
+    if task_for(meta).name != "detection":
+        raise ValueError(f"--nms trt is for detectors; this is a {task_for(meta).name} model")
+    pre = task_for(meta).preprocess(meta)
+    options = NmsOptions(score_threshold=pre["conf_threshold"], iou_threshold=pre["iou_threshold"],
+                         max_output_boxes=min(int(pre["max_det"]), 100), class_agnostic=o.nms_class_agnostic)
+    info = append_efficient_nms(onnx_path, onnx_path.parent / NMS_FILE, options)
+    log(f"{NMS_FILE} written: EfficientNMS_TRT at confidence {options.score_threshold:g}, IoU "
+        f"{options.iou_threshold:g}, {options.max_output_boxes} boxes (TensorRT >= {info['min_tensorrt']} only; "
+        f"ONNX Runtime runs model.onnx)")
+    return info
 
 
 def parity_set(meta: dict[str, Any], data: str | Path | None, n: int, log: Callable[[str], None]
@@ -178,12 +200,12 @@ def parity_set(meta: dict[str, Any], data: str | Path | None, n: int, log: Calla
     return check, source
 
 
-GUARDED_TASKS = ("classification", "segmentation")  # top-1 in whole images; mIoU points on windows
+GUARDED_TASKS = ("classification", "segmentation", "detection")  # top-1; mIoU points on windows; mAP@0.5 points
 
 
 def _guardable(meta: dict[str, Any]) -> bool:
-    """The accuracy guard measures classification top-1 and segmentation mIoU; for another task
-    its numbers would mean nothing."""
+    """The accuracy guard measures classification top-1, segmentation mIoU and detection mAP@0.5;
+    for another task its numbers would mean nothing."""
     return task_for(meta).name in GUARDED_TASKS
 
 
@@ -191,10 +213,23 @@ def _guard_for_task(s: Int8Settings, meta: dict[str, Any], log: Callable[[str], 
     """Another task's INT8 files are written unguarded, and the log says so."""
     if _guardable(meta) or s.max_drop is None:
         return s
-    log(f"warning: the INT8 accuracy guard measures classification top-1 and segmentation mIoU only: the "
+    log(f"warning: the INT8 accuracy guard measures classification top-1, segmentation mIoU and detection mAP "
+        f"only: the "
         f"{meta.get('task')} model's INT8 "
         f"files are written UNGUARDED (--max-drop {s.max_drop} ignored)")
     return dataclasses.replace(s, max_drop=None)
+
+
+def _guard_source(meta: dict[str, Any], data: str | Path | None, log: Callable[[str], None]):
+    """The labeled images the guard scores: the validation part, else (a detector on the paper's
+    80/20 split has none) training images, which measure the INT8 drop against FP32 as well,
+    though not generalization; the log says so."""
+    vsrc = model_items(meta, data, "val")
+    if (vsrc is None or not vsrc[1]) and task_for(meta).name == "detection":
+        vsrc = model_items(meta, data, "train")
+        if vsrc is not None and vsrc[1]:
+            log("note: the split has no validation part: the INT8 guard scores training images")
+    return vsrc
 
 
 def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, check: np.ndarray,
@@ -213,7 +248,7 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
     log(f"calibrating INT8 on {len(calib_items)} images from {csrc[0]} ({s.calib_method})")
     calib, _ = preprocess_items(csrc[0], calib_items, meta)
     files = ["calib/" + f for f in save_calibration(calib, out / "calib")]
-    vsrc = model_items(meta, data, "val") if _guardable(meta) else None
+    vsrc = _guard_source(meta, data, log) if _guardable(meta) else None
     if vsrc is not None and vsrc[1]:
         val_x, val_y = preprocess_items(vsrc[0], stratified_sample(vsrc[1], s.guard_images, seed=3), meta)
     elif s.max_drop is not None:
@@ -223,7 +258,7 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
     task = task_for(meta).name
     fp32_pred = (predict_onnx(onnx_path, val_x, task) if len(val_y) and task == "classification"
                  else None)
-    fp32_check = run_onnx(onnx_path, check)
+    fp32_check = run_onnx_outputs(onnx_path, check)
     fp32_bytes = onnx_path.stat().st_size
     records = {}
     for target in s.targets:
@@ -231,13 +266,14 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
         q_path = out / name
         qinfo = quantize_with_guard(onnx_path, q_path, calib, val_x, val_y,
                                     GuardOptions(max_drop=s.max_drop, method=s.calib_method, target=target,
-                                                 task=task, metadata=preprocess_spec(meta)),
+                                                 task=task, metadata=preprocess_spec(meta),
+                                                 keep_tail_float=task == "detection"),
                                     log=log, fp32_predictions=fp32_pred)
         rec: dict[str, Any] = {**qinfo, "calibration_files": files, "calibration_pool": pool_info}
         if qinfo["status"] == "written":
             q_stats = graph_stats(q_path)
             rec.update(graph=q_stats, size_vs_fp32=q_stats["file_bytes"] / fp32_bytes,
-                       agreement_with_fp32=parity(fp32_check, run_onnx(q_path, check), task=task))
+                       agreement_with_fp32=parity(fp32_check, run_onnx_outputs(q_path, check), task=task))
             _log_written(q_path, rec, log)
         else:
             log(f"warning: INT8 for {target} REJECTED, {name} not written: {qinfo['reason']}")
@@ -249,9 +285,11 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
 
 def _log_written(q_path: Path, rec: dict[str, Any], log: Callable[[str], None]) -> None:
     q, n = rec["quantized_nodes"], rec["quantizable_nodes"]
-    if rec.get("metric") == "miou":
-        acc = (f", validation mIoU {100 * rec['int8_miou']:.2f} % vs FP32 {100 * rec['fp32_miou']:.2f} % "
-               f"on {rec['validation_images']} windows" if rec["validation_images"] else "")
+    metric = rec.get("metric")
+    if metric in ("miou", "map50"):
+        label, unit = ("mIoU", "windows") if metric == "miou" else ("mAP@0.5", "images")
+        acc = (f", validation {label} {100 * rec[f'int8_{metric}']:.2f} % vs FP32 {100 * rec[f'fp32_{metric}']:.2f} % "
+               f"on {rec['validation_images']} {unit}" if rec["validation_images"] else "")
     else:
         acc = (f", validation top-1 {rec['int8_correct']}/{rec['validation_images']} vs FP32 "
                f"{rec['fp32_correct']}/{rec['validation_images']}" if rec["validation_images"] else "")

@@ -9,9 +9,13 @@ prefix, native JSON values); an engine carries it in its sidecar. One rule finds
 3. an engine's sidecar `metadata` (copied from 1+2 when the engine was built).
 
 Pixels are RGB, scaled to 0..1, resized (bilinear) to `input_size`, normalized with mean/std
-and laid out as NCHW float32. With Pillow present every image (arrays included) is resized by
-Pillow, which is what torchvision's Resize does on PIL images; without Pillow a numpy bilinear
-resize (half-pixel centres, no antialiasing) is used, and only .npy / .ppm / .pgm can be read.
+and laid out as NCHW float32. Detectors say `resize: "letterbox"` instead: the image keeps its
+aspect ratio and the rest of the input is filled with `pad_value` (runtime/letterbox.py, the
+same function the host trains and evaluates with); `PreprocessSpec.prepare` returns the
+LetterboxInfo with the pixels, so boxes can be mapped back to the original image.
+With Pillow present every image (arrays included) is resized by Pillow, which is what
+torchvision's Resize does on PIL images; without Pillow a numpy bilinear resize (half-pixel
+centres, no antialiasing) is used, and only .npy / .ppm / .pgm can be read.
 """
 
 import json
@@ -21,12 +25,20 @@ import numpy as np
 
 from .errors import RuntimeToolError
 from .imagefolder import IMAGE_EXTENSIONS, list_labeled_folder  # noqa: F401 - also read from here
+from .letterbox import PAD_VALUE, letterbox, letterbox_geometry
+from .resize import _pil, resize_bilinear, resize_bilinear_numpy  # noqa: F401 - also read from here
 
 PREFIX = "rsedge."
 KEYS = ("task", "classes", "input_size", "mean", "std", "layout", "color", "resize", "version", "precision", "arch",
-        "colors", "ignore_index", "overlap")
+        "colors", "ignore_index", "overlap", "pad_value", "conf_threshold", "iou_threshold", "eval_conf_threshold",
+        "eval_iou_threshold", "max_det")
 JSON_KEYS = ("classes", "input_size", "mean", "std", "colors")
-INT_KEYS = ("ignore_index", "overlap")  # segmentation: the ignore label and the sliding-window overlap (pixels)
+# segmentation: the ignore label and the sliding-window overlap (pixels); detection: the letterbox's
+# fill value and the most detections an image keeps
+INT_KEYS = ("ignore_index", "overlap", "pad_value", "max_det")
+# detection: score and NMS IoU thresholds, for deployment and for evaluation (mAP), all in [0, 1]
+FLOAT_KEYS = ("conf_threshold", "iou_threshold", "eval_conf_threshold", "eval_iou_threshold")
+RESIZE_MODES = ("resize", "letterbox")
 PREPROCESS_JSON = "preprocess.json"
 
 
@@ -51,16 +63,34 @@ def _int(name, value):
         raise RuntimeToolError("metadata {}{} must be an integer, got {!r}".format(PREFIX, name, value)) from None
 
 
+def _fraction(name, value):
+    value = _decode(value)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not 0.0 <= number <= 1.0:
+        raise RuntimeToolError("metadata {}{} must be a number in [0, 1], got {!r}".format(PREFIX, name, value))
+    return number
+
+
 def normalize_metadata(raw):
     """{'rsedge.mean': '[0.4, ...]'} or {'mean': [0.4, ...]} -> {'mean': [0.4, ...]}; other keys dropped.
 
     Lists (classes, input_size, mean, std, colors) are JSON-decoded, integers (ignore_index,
-    overlap) parsed; a segmentation model's colors may be null."""
+    overlap, pad_value, max_det) and thresholds (floats in [0, 1]) parsed; a segmentation model's
+    colors may be null."""
     out = {}
     for key, value in (raw or {}).items():
         name = key.split(PREFIX, 1)[1] if key.startswith(PREFIX) else key
         if name in INT_KEYS:
             out[name] = _int(name, value)
+        elif name in FLOAT_KEYS:
+            out[name] = _fraction(name, value)
         elif name in KEYS:
             out[name] = _decode(value) if name in JSON_KEYS else value
     return out
@@ -101,10 +131,15 @@ def onnx_metadata(onnx_path):
 
 
 class PreprocessSpec:
-    """What to do to an image before the model sees it."""
+    """What to do to an image before the model sees it.
+
+    resize: "resize" (the whole image, bilinear, to input_size) or "letterbox" (aspect kept, padded
+    with pad_value; detectors). `spec(image)` gives the model's input; `spec.prepare(image)` gives
+    (input, LetterboxInfo or None) and `spec.letterbox_info(image)` the info alone (None for
+    "resize", whose scale is not one number)."""
 
     def __init__(self, input_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), layout="NCHW", color="RGB",
-                 resize="resize"):
+                 resize="resize", pad_value=PAD_VALUE):
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3)
         self.std = np.asarray(std, dtype=np.float32).reshape(3)
@@ -113,12 +148,16 @@ class PreprocessSpec:
         self.layout = layout.upper()
         self.color = color.upper()
         self.resize = resize
+        self.pad_value = PAD_VALUE if pad_value is None else int(pad_value)
         if self.layout not in ("NCHW", "NHWC"):
             raise RuntimeToolError(f"unsupported layout {layout!r} (NCHW or NHWC)")
         if self.color not in ("RGB", "BGR"):
             raise RuntimeToolError(f"unsupported color order {color!r} (RGB or BGR)")
-        if self.resize != "resize":
-            raise RuntimeToolError(f"unsupported resize mode {resize!r} (only 'resize': whole image, bilinear)")
+        if self.resize not in RESIZE_MODES:
+            raise RuntimeToolError(f"unsupported resize mode {resize!r} ('resize': whole image, bilinear; "
+                                   "'letterbox': aspect kept, padded)")
+        if not 0 <= self.pad_value <= 255:
+            raise RuntimeToolError(f"pad_value {self.pad_value} is not a pixel value (0..255)")
 
     @classmethod
     def from_metadata(cls, meta, input_shape=None, log=None):
@@ -137,16 +176,34 @@ class PreprocessSpec:
         if ("mean" not in meta or "std" not in meta) and log:
             log("warning: the model carries no rsedge.mean/rsedge.std: images are only scaled to 0..1")
         return cls(size, meta.get("mean", (0.0, 0.0, 0.0)), meta.get("std", (1.0, 1.0, 1.0)),
-                   meta.get("layout", "NCHW"), meta.get("color", "RGB"), meta.get("resize", "resize"))
+                   meta.get("layout", "NCHW"), meta.get("color", "RGB"), meta.get("resize", "resize"),
+                   meta.get("pad_value"))
 
     def to_dict(self):
-        return {"input_size": list(self.input_size), "mean": [float(x) for x in self.mean],
-                "std": [float(x) for x in self.std], "layout": self.layout, "color": self.color,
-                "resize": self.resize}
+        out = {"input_size": list(self.input_size), "mean": [float(x) for x in self.mean],
+               "std": [float(x) for x in self.std], "layout": self.layout, "color": self.color,
+               "resize": self.resize}
+        if self.resize == "letterbox":
+            out["pad_value"] = self.pad_value
+        return out
 
-    def __call__(self, image):
-        """HxWx3 uint8 RGB -> float32 CHW (or HWC) ready for the model; mean/std are in the model's channel order."""
-        resized = resize_bilinear(image, self.input_size)
+    def letterbox_info(self, image):
+        """The LetterboxInfo of an image (an array, or its shape) under this spec; None for "resize"."""
+        if self.resize != "letterbox":
+            return None
+        shape = image if isinstance(image, (tuple, list)) else np.shape(image)
+        return letterbox_geometry(int(shape[0]), int(shape[1]), self.input_size)[2]
+
+    def prepare(self, image):
+        """(model input, LetterboxInfo or None) of an HxWx3 uint8 RGB image."""
+        if self.resize == "letterbox":
+            resized, info = letterbox(image, self.input_size, self.pad_value)
+        else:
+            resized, info = resize_bilinear(image, self.input_size), None
+        return self.normalize(resized), info
+
+    def normalize(self, resized):
+        """HxWx3 uint8 RGB at the input size -> float32 CHW (or HWC); mean/std are in the model's channel order."""
         x = resized.astype(np.float32) / np.float32(255.0)
         if self.color == "BGR":
             x = x[:, :, ::-1]
@@ -155,46 +212,9 @@ class PreprocessSpec:
             x = x.transpose(2, 0, 1)
         return np.ascontiguousarray(x, dtype=np.float32)
 
-
-def _pil():
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    return Image
-
-
-def resize_bilinear(image, size):
-    """Resize HxWx3 uint8 to size=(H, W): Pillow's bilinear when present, numpy's otherwise."""
-    h, w = size
-    if image.shape[0] == h and image.shape[1] == w:
-        return image
-    Image = _pil()
-    if Image is not None:
-        resample = getattr(Image, "Resampling", Image).BILINEAR
-        return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), resample))
-    return resize_bilinear_numpy(image, size)
-
-
-def resize_bilinear_numpy(image, size):
-    """Bilinear resize with half-pixel centres (align_corners=False), no antialiasing."""
-    h, w = size
-    src = image.astype(np.float32)
-    in_h, in_w = src.shape[:2]
-
-    def axis(out_len, in_len):
-        pos = (np.arange(out_len, dtype=np.float32) + 0.5) * (float(in_len) / out_len) - 0.5
-        pos = np.clip(pos, 0, in_len - 1)
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, in_len - 1)
-        return lo, hi, (pos - lo).astype(np.float32)
-
-    y0, y1, wy = axis(h, in_h)
-    x0, x1, wx = axis(w, in_w)
-    top = src[y0][:, x0] * (1 - wx)[None, :, None] + src[y0][:, x1] * wx[None, :, None]
-    bottom = src[y1][:, x0] * (1 - wx)[None, :, None] + src[y1][:, x1] * wx[None, :, None]
-    out = top * (1 - wy)[:, None, None] + bottom * wy[:, None, None]
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    def __call__(self, image):
+        """HxWx3 uint8 RGB -> float32 CHW (or HWC) ready for the model."""
+        return self.prepare(image)[0]
 
 
 def _read_pnm(path):

@@ -60,6 +60,9 @@ def test_search_picks_the_largest_threshold_within_the_target():
     assert len(evaluated) <= 19 + 8 and curve == sorted(curve, key=lambda r: r["threshold"])
     none, _ = search_threshold(scores, lambda d: (1.0, d), target=0.01, log=lambda m: None)
     assert none is None
+    # two-sided: a large NEGATIVE L_FA (the pruned model attends far more than the sparse one) fails too
+    swing, _ = search_threshold(scores, lambda d: (-d / 10, d), target=0.0405, log=lambda m: None)
+    assert swing == pytest.approx(0.40, abs=1e-6)
 
 
 def test_search_on_a_sparse_model_prunes_its_silent_channels(tmp_path, synth_data, trained):

@@ -14,9 +14,13 @@ def test_registry_has_the_required_architectures():
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_any_number_of_classes_on_64px_inputs(name):
     model = create_model(name, 7).eval()
-    expected = (2, 7, 64, 64) if get_spec(name).task == "segmentation" else (2, 7)
+    task = get_spec(name).task
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 64, 64)).shape == expected
+        out = model(torch.randn(2, 3, 64, 64))
+    if task == "detection":  # three raw maps, 3 anchors x (5 + 7) channels, strides 8 / 16 / 32
+        assert [tuple(o.shape) for o in out] == [(2, 36, 8, 8), (2, 36, 4, 4), (2, 36, 2, 2)]
+    else:
+        assert out.shape == ((2, 7, 64, 64) if task == "segmentation" else (2, 7))
 
 
 def test_unknown_model_lists_the_known_ones():

@@ -16,8 +16,8 @@ from rsedge.runtime.tasks.base import DeviceTask, eval_file, load_array
 
 
 def test_unknown_task_is_one_clear_error_and_classification_is_the_default():
-    with pytest.raises(RuntimeToolError, match=r"unknown task 'detection': this runtime knows classification"):
-        tasks.get_task("detection")
+    with pytest.raises(RuntimeToolError, match=r"unknown task 'keypoints': this runtime knows classification"):
+        tasks.get_task("keypoints")
     assert tasks.task_for(None).name == tasks.task_for({}).name == "classification"
     assert tasks.task_for({"task": "classification"}) is tasks.get_task("classification")
 
@@ -178,7 +178,7 @@ def test_a_registered_toy_task_runs_through_rsedge_bench(tmp_path, capsys, toy_t
 
 def test_a_bundle_of_an_unknown_task_is_one_clear_error(tmp_path, capsys, no_tensorrt):
     pytest.importorskip("onnx", reason="builds the test models")
-    bundle = _retask_bundle(tmp_path / "bundle", "detection")
+    bundle = _retask_bundle(tmp_path / "bundle", "keypoints")
     assert cli.main([str(bundle)] + FAST) == 2
     err = capsys.readouterr().err
-    assert "error: unknown task 'detection'" in err and "Traceback" not in err and len(err.splitlines()) <= 3
+    assert "error: unknown task 'keypoints'" in err and "Traceback" not in err and len(err.splitlines()) <= 3

@@ -38,8 +38,9 @@ def counting():
 
 def test_registry_and_the_task_of_a_model_file(counting):
     assert isinstance(get_task("classification"), ClassificationTask)
-    with pytest.raises(KeyError, match="unknown task 'detection'; known: classification, counting, segmentation"):
-        get_task("detection")
+    with pytest.raises(KeyError, match="unknown task 'keypoints'; known: classification, counting, detection, "
+                                       "segmentation"):
+        get_task("keypoints")
     with pytest.raises(ValueError, match="already registered"):
         register_task(Counting())
     assert task_for(_meta(task="counting")) is counting

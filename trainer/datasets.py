@@ -83,6 +83,16 @@ def _layout_of(root: Path) -> tuple[str, str] | None:
     return None
 
 
+def _task_hint(task: str, layout: str) -> str:
+    if task == "segmentation":
+        return f"a segmentation model reads it: --model {SEGMENTATION_HINT}"
+    if layout.startswith("Pascal VOC"):
+        return "rsedge reads detection boxes as NWPU VHR-10, YOLO txt or COCO json, not VOC XML yet: convert them"
+    if task.startswith("detection"):
+        return "a detection model reads it: --model yolo_n (or yolo_s)"
+    return f"a {task} command would read it, and rsedge has none yet"
+
+
 def check_classification_layout(root: Path) -> None:
     """A detection or segmentation dataset read as classes would be a silent nonsense task
     ("masks" and "images" as two classes) or a confusing error; say what the folder is. A folder
@@ -95,8 +105,7 @@ def check_classification_layout(root: Path) -> None:
         if found:
             task, layout = found
             what = str(root) if where == root else f"{root} is part of {where}, which"
-            hint = (f"a segmentation model reads it: --model {SEGMENTATION_HINT}" if task == "segmentation"
-                    else f"a {task} command would read it, and rsedge has none yet")
+            hint = _task_hint(task, layout)
             raise DatasetError(f"rsedge's classification commands read ROOT/<class>/<image>; {what} looks like "
                                f"a {task} dataset ({layout}): {hint}")
 

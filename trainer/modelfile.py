@@ -311,6 +311,13 @@ def apply_layout(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
 EXTRA_PREFIX = "__"
 
 
+def _plain_value(v: Any) -> bool:
+    """A number, string, flag or None, or a (nested) list of them (a detector's anchors)."""
+    if isinstance(v, list):
+        return all(_plain_value(i) for i in v)
+    return isinstance(v, (int, float, str, bool, type(None)))
+
+
 def model_identity(meta: dict[str, Any]) -> dict[str, Any]:
     """`task` and `model_args` of a model's metadata, with the defaults of its spec for a file
     written before they were stored; a task other than the architecture's is refused."""
@@ -321,11 +328,9 @@ def model_identity(meta: dict[str, Any]) -> dict[str, Any]:
     args = meta.get("model_args") or {}
     if not isinstance(args, dict):
         raise ValueError(f"model_args must be a JSON object, not {type(args).__name__}")
-    plain = (int, float, str, bool, type(None))
-    odd = [k for k, v in args.items() if not isinstance(v, plain) and not (
-        isinstance(v, list) and all(isinstance(i, plain) for i in v))]
+    odd = [k for k, v in args.items() if not _plain_value(v)]
     if odd:  # constructor arguments are numbers, strings and flags, never objects to build
-        raise ValueError(f"model_args {', '.join(odd)} must be numbers, strings, flags or lists of them")
+        raise ValueError(f"model_args {', '.join(odd)} must be numbers, strings, flags or (nested) lists of them")
     return {"task": task, "model_args": args}
 
 

@@ -233,4 +233,5 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike, partial: boo
     return report
 
 
+from . import det_models as _det_models  # noqa: E402,F401  (registers the detection specs)
 from . import seg_models as _seg_models  # noqa: E402,F401  (registers the segmentation specs)

@@ -40,6 +40,8 @@ class TrainOptions:
     split_file: str | None = None  # reuse this split instead of making one
     layout: dict[str, Any] | None = None  # segmentation: {"images", "masks", "colormap"} (None: by convention)
     overlap: int | None = None  # segmentation: pixels shared by neighbouring windows (None: a quarter of the side)
+    mosaic: float = 0.0  # detection: probability of a four-image mosaic per training sample
+    model_args: dict[str, Any] | None = None  # constructor arguments over the spec's (detection: {"act": "relu"})
     resume: bool = False
     exist_ok: bool = False  # overwrite a run already in the folder (else refused unless `resume`)
     progress: bool = True
@@ -66,11 +68,13 @@ def train_run(data: str | Path, model_name: str, out: str | Path, options: Train
         log(f"warning: {len(split['skipped'])} unreadable image(s) skipped; listed in {stage.out / 'split.json'}")
     meta = new_model_meta(model_name, split, o, stage, cfg.epochs)
     d = stage.data(split, meta, cfg)
+    meta["model_args"] = task.fit_model_args(meta, d.train, log)
     train_n = (f"{len(d.train)} windows of {len(d.split['train'])} images" if len(d.train) != len(d.split["train"])
                else len(d.train))
     log(f"data: {len(meta['classes'])} classes, train {train_n} / val {len(d.val)} / test {len(d.test)}")
     seed_everything(cfg.seed)  # the initial weights are part of what --seed fixes
-    model = create_model(model_name, len(meta["classes"]), o.weights, partial_weights=o.partial_weights)
+    model = create_model(model_name, len(meta["classes"]), o.weights, partial_weights=o.partial_weights,
+                         **meta["model_args"])
     if initial is not None:
         log(initial.pop("message"))
     model, history = stage.fit(model, d, cfg, meta)
@@ -78,7 +82,8 @@ def train_run(data: str | Path, model_name: str, out: str | Path, options: Train
     return stage.record({
         "inputs": {"data": split["root"], "model": model_name, "initial_weights": o.weights},
         "initial_weights": initial,
-        "parameters": {"img_size": o.img_size, "layout": o.layout, "overlap": meta.get("overlap"), **asdict(cfg)},
+        "parameters": {"img_size": o.img_size, "layout": o.layout, "overlap": meta.get("overlap"),
+                       "mosaic": meta.get("mosaic"), "model_args": meta["model_args"], **asdict(cfg)},
         "split": {"file": "split.json", "counts": split["counts"], "skipped": len(split["skipped"]),
                   "seed": split["seed"]},
         "fraction": d.fraction,
@@ -99,7 +104,7 @@ def new_model_meta(model_name: str, split: dict[str, Any], o: TrainOptions, stag
     return {
         "arch": model_name,
         "task": task.name,
-        "model_args": dict(spec.args),
+        "model_args": {**spec.args, **(o.model_args or {})},
         "classes": split["classes"],
         "input_size": [img_size, img_size],
         "normalization": {"mean": list(spec.normalization["mean"]), "std": list(spec.normalization["std"])},

@@ -31,13 +31,15 @@ def stratified_fraction(items: Sequence[Sequence[Any]], fraction: float, seed: i
     for label in sorted(by_class):
         group = by_class[label]
         rng.shuffle(group)
-        chosen.update(group[: max(1, round(fraction * len(group)))])
-    return [it for it in items if it in chosen]
+        chosen.update(rel for rel, _ in group[: max(1, round(fraction * len(group)))])
+    return [it for it in items if it[0] in chosen]
 
 
 def item_target(label: Any) -> Any:
-    """A class index as an int; another target (a mask file of a segmentation pair) as a string:
-    such items form one stratum."""
+    """A class index as an int; another target (a mask file of a segmentation pair) as a string,
+    a detection image's box list as it is: such items form one stratum."""
+    if isinstance(label, (list, tuple)):  # a detection image's boxes
+        return label
     return int(label) if isinstance(label, (int, float)) or str(label).isdigit() else str(label)
 
 

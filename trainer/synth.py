@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -176,3 +177,28 @@ def make_synthetic_dataset(
             Image.fromarray(render(cls, rng, size)).save(d / f"{cls}_{n}.{fmt}")
         counts[cls] = per_class
     return counts
+
+
+def clear_scene_output(out: Path, is_ours: Callable[[Path], bool], task: str, produced: Sequence[str],
+                       exist_ok: bool = False) -> None:
+    """`clear_for_synth` for a scene generator (`data synth --task TASK`) whose output is the folders
+    and files named in `produced`: a non-empty folder is refused unless `is_ours(out)` and `exist_ok`
+    (then they are replaced); nothing of the user's is deleted."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    if not is_ours(out):
+        raise FileExistsError(f"{out} is not empty and holds files `rsedge data synth --task {task}` did not "
+                              f"write: choose an empty or new --out")
+    if not exist_ok:
+        raise FileExistsError(f"{out} already holds a synthetic {task} set: pass --exist-ok to replace it, "
+                              f"or choose an empty or new --out")
+    for name in produced:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)

@@ -18,7 +18,6 @@ Same seed, same bytes.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -136,21 +135,9 @@ def _is_ours(out: Path) -> bool:
 def clear_for_synth_seg(out: Path, exist_ok: bool = False) -> None:
     """As `synth.clear_for_synth`: a non-empty folder is refused, unless it holds an earlier output
     of this function and `exist_ok` (then it is replaced); nothing of the user's is deleted."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if not any(out.iterdir()):
-        return
-    if not _is_ours(out):
-        raise FileExistsError(f"{out} is not empty and holds files `rsedge data synth --task segment` did not "
-                              f"write: choose an empty or new --out")
-    if not exist_ok:
-        raise FileExistsError(f"{out} already holds a synthetic segmentation set: pass --exist-ok to replace it, "
-                              f"or choose an empty or new --out")
-    for d in ("images", "masks"):
-        shutil.rmtree(out / d, ignore_errors=True)
-    (out / "class_dict.csv").unlink(missing_ok=True)
+    from .synth import clear_scene_output
+
+    clear_scene_output(out, _is_ours, "segment", ("images", "masks", "class_dict.csv"), exist_ok)
 
 
 def write_class_dict(path: Path) -> None:

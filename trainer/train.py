@@ -45,6 +45,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dice: float = 0.0  # segmentation: weight of a soft Dice term added to the cross-entropy
     fraction: float = 1.0  # of the training images, stratified by class (datasets.stratified_fraction)
+    ema: bool | None = None  # evaluate and ship an EMA of the weights (None: the task's default; detection on)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
@@ -251,6 +252,7 @@ class _Run:
     log: Callable[[str], None]
     progress: bool
     before_step: Callable[[nn.Module], None] | None
+    ema: Any = None  # ema.ModelEMA when the run averages its weights
 
 
 def _resume(model: nn.Module, run_dir: Path, cfg: TrainConfig, resume: bool, log: Callable[[str], None]
@@ -311,12 +313,12 @@ def fit(
         torch.set_rng_state(extra["rng.torch"])
         if use_amp and "scaler" in info:
             scaler.load_state_dict(info["scaler"])
-    run = _Run(cfg, task, meta, device, opt, scaler, use_amp, loss_fn or task.training_loss(cfg), log, progress,
-               before_step)
+    run = _Run(cfg, task, meta, device, opt, scaler, use_amp, loss_fn or task.model_loss(meta, cfg), log, progress,
+               before_step, _make_ema(model, cfg, task, run_dir if start_epoch else None, info))
     val_key = task.metric_key("val")
     if history and history[-1].get(val_key) is None and val_ds is not None and len(val_ds) > 0:
         log(f"validating epoch {history[-1]['epoch']}, which the interrupted run checkpointed but did not validate")
-        _validate_epoch(model, val_ds, history[-1], [], run)
+        _validate_epoch(_evaluated(model, run), val_ds, history[-1], [], run)
 
     for epoch in range(start_epoch, cfg.epochs):
         if on_epoch_start is not None:
@@ -326,19 +328,39 @@ def fit(
         history.append(entry)
         # the finished epoch is on disk before anything that can still fail (validation included)
         _checkpoint(model, run_dir, epoch, history, run)
-        _validate_epoch(model, val_ds, entry, skipped, run)
+        _validate_epoch(_evaluated(model, run), val_ds, entry, skipped, run)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         write_curves(run_dir, history, curve_title(meta), (task.metric_key("train"), val_key))
         train_key = task.metric_key("train")
         val_txt = f" {val_key} {entry[val_key]:.4f}" if entry[val_key] is not None else ""
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f} {train_key} {entry[train_key]:.4f}"
             f"{val_txt} ({entry['seconds']:.1f}s)")
-    return model.eval(), history
+    return _evaluated(model, run).eval(), history
+
+
+def _make_ema(model: nn.Module, cfg: TrainConfig, task: Task, resume_dir: Path | None, info: dict[str, Any]):
+    """The weight average of a run that keeps one (`cfg.ema`, else the task's default), restored
+    from the checkpoint when resuming."""
+    if not (cfg.ema if cfg.ema is not None else task.ema_by_default):
+        return None
+    from .ema import ModelEMA
+
+    ema = ModelEMA(model)
+    if resume_dir is not None:
+        ema.restore(load_extra_tensors(resume_dir / "checkpoint.safetensors"), info.get("ema_updates", 0))
+    return ema
+
+
+def _evaluated(model: nn.Module, run: _Run) -> nn.Module:
+    """The weights a run validates and ships: the average when it keeps one."""
+    return run.ema.module if run.ema is not None else model
 
 
 def _train_epoch(model: nn.Module, train_ds, epoch: int, run: _Run) -> tuple[dict[str, Any], list[str]]:
     """One pass over the training set; (the epoch's history entry, the images it skipped)."""
     cfg, device, opt = run.cfg, run.device, run.opt
+    if hasattr(train_ds, "set_epoch"):  # augmentation seeded by (seed, epoch, index), as the data order
+        train_ds.set_epoch(epoch)
     model.train()
     loader = make_loader(train_ds, cfg.batch_size, True, cfg.seed, epoch, cfg.workers, drop_last=True,
                          min_batch=2, report=None, collate=run.task.collate)
@@ -367,6 +389,8 @@ def _train_epoch(model: nn.Module, train_ds, epoch: int, run: _Run) -> tuple[dic
             run.before_step(model)
         run.scaler.step(opt)
         run.scaler.update()
+        if run.ema is not None:
+            run.ema.update(model)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
         n = _count(y)
@@ -413,12 +437,15 @@ def _detach(outputs: Any) -> Any:
 def _checkpoint(model: nn.Module, run_dir: Path, epoch: int, history: list[dict[str, Any]], run: _Run) -> None:
     tensors, opt_info = _optimizer_tensors(run.opt)
     tensors["rng.torch"] = torch.get_rng_state()
+    if run.ema is not None:
+        tensors.update(run.ema.tensors())
     ck_meta = dict(run.meta)
     ck_meta["checkpoint"] = {
         "epoch": epoch,
         "history": history,
         "optimizer": opt_info,
         "config": json.loads(json.dumps(asdict(run.cfg))),
+        **({"ema_updates": run.ema.updates} if run.ema is not None else {}),
         **({"scaler": run.scaler.state_dict()} if run.use_amp else {}),
     }
     save_model(run_dir / "checkpoint.safetensors", model, ck_meta, extra_tensors=tensors)

@@ -8,6 +8,7 @@ evaluation set is not one fixed-size tensor per sample, as segmentation's whole 
 
 from ..errors import RuntimeToolError
 from .classification import ClassificationTask
+from .detection import DetectionTask
 from .segmentation import SegmentationTask
 
 DEFAULT_TASK = "classification"
@@ -41,3 +42,4 @@ def known_tasks():
 
 register_task(ClassificationTask())
 register_task(SegmentationTask())
+register_task(DetectionTask())

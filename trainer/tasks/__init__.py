@@ -5,6 +5,7 @@ from typing import Any
 
 from .base import INPUT_NAME, Evaluator, Task, stack_dataset
 from .classification import ClassificationTask
+from .detection import DetectionTask
 from .segmentation import SegmentationTask
 
 DEFAULT_TASK = "classification"
@@ -46,7 +47,8 @@ def task_for(meta: dict[str, Any]) -> Task:
 
 register_task(ClassificationTask())
 register_task(SegmentationTask())
+register_task(DetectionTask())
 
-__all__ = ["INPUT_NAME", "DEFAULT_TASK", "ClassificationTask", "Evaluator", "SegmentationTask", "Task", "get_task",
-           "list_tasks",
+__all__ = ["INPUT_NAME", "DEFAULT_TASK", "ClassificationTask", "DetectionTask", "Evaluator", "SegmentationTask",
+           "Task", "get_task", "list_tasks",
            "register_task", "stack_dataset", "task_for", "unregister_task"]

@@ -63,6 +63,9 @@ class Task(ABC):
     outputs: tuple[str, ...] = ("logits",)  # output names of a model whose spec is not registered
     collate: Callable[[list[Any]], Any] | None = None  # None: torch's default_collate
     record_keys: tuple[str, ...] = ()  # result keys a stage's record keeps; () = primary, samples, skipped
+    default_lr: dict[str, float] | None = None  # by optimizer, when --lr is not given (None: TrainConfig's)
+    ema_by_default = False  # train with an EMA of the weights unless the user says otherwise
+    lfa_every_head = False  # L_FA reads the input of every head module (detection layers), not the last map
 
     # -- data ---------------------------------------------------------------------------------
     @abstractmethod
@@ -126,6 +129,16 @@ class Task(ABC):
         """The loss under a training configuration (e.g. label smoothing); by default `loss`."""
         return self.loss
 
+    def model_loss(self, meta: dict[str, Any], cfg: Any = None) -> LossFn:
+        """The loss of one model (a detector's depends on its anchors): what every stage trains and
+        scores with; `cfg` None: the plain loss, as Taylor and CAP differentiate it."""
+        return self.training_loss(cfg) if cfg is not None else self.loss
+
+    def fit_model_args(self, meta: dict[str, Any], train_ds, log: Callable[[str], None]) -> dict[str, Any]:
+        """The constructor arguments of a model trained from scratch on `train_ds`, fitted to the
+        data where the task has any (a detector's anchors); by default `meta["model_args"]`."""
+        return dict(meta.get("model_args") or {})
+
     @abstractmethod
     def evaluator(self, meta: dict[str, Any]) -> Evaluator: ...
 
@@ -168,6 +181,10 @@ class Task(ABC):
         raise NotImplementedError(f"the {self.name} task defines no target regions: --target-lfa needs them")
 
     # -- export and the device ----------------------------------------------------------------
+    def export_module(self, model, meta: dict[str, Any]):
+        """The module the ONNX graph is written from (a detector appends its box decode)."""
+        return model
+
     def export_outputs(self, meta: dict[str, Any]) -> list[str]:
         """The output names the model's spec declares (the task's own for an unregistered module)."""
         spec = REGISTRY.get(meta.get("arch", ""))
@@ -193,6 +210,13 @@ class Task(ABC):
             "color": "RGB",
             "resize": "resize",
         }
+
+    def device_targets(self, targets: list[Any]) -> Any:
+        """Targets from `stack_dataset` as the device task's accumulator reads them (by default
+        one array: class ids, or masks)."""
+        if targets and hasattr(targets[0], "numpy"):
+            return np.stack([t.numpy() for t in targets])
+        return np.asarray(targets)
 
     @abstractmethod
     def bundle_eval(self, root: str | os.PathLike, items: Sequence[Sequence[Any]], meta: dict[str, Any]
