@@ -135,3 +135,33 @@ def test_ema_follows_the_weights_early_and_round_trips_through_a_checkpoint():
     again = ModelEMA(nn.Linear(2, 2))
     again.restore(ema.tensors(), ema.updates)
     assert again.updates == 1 and torch.equal(again.module.weight, ema.module.weight)
+
+
+def test_yolo_through_every_stage_from_the_cli(tmp_path, capsys):
+    """The README's detection walk-through, shortened (CI's detection smoke): data synth -> train ->
+    sparse-train (l1rr) -> prune (l1rr, L_FA target, residual reconstruction) -> finetune -> bundle
+    (export + INT8) -> rsedge-bench --save-predictions (export's own options: the test above)."""
+    from rsedge.cli.main import main
+    from rsedge.runtime import cli as bench_cli
+
+    d, r = str(tmp_path / "scenes"), tmp_path / "runs"
+    quick = ["--batch-size", "8", "--workers", "0", "--quiet"]
+    assert main(["data", "synth", "--task", "detect", "--out", d, "--images", "24", "--size", "64"]) == 0
+    assert main(["train", "--data", d, "--model", "yolo_n", "--img-size", "64", "--epochs", "1", "--act", "relu",
+                 "--out", str(r / "base"), *quick]) == 0
+    assert main(["sparse-train", "--model", str(r / "base/model.safetensors"), "--data", d, "--method", "l1rr",
+                 "--epochs", "1", "--out", str(r / "sparse"), *quick]) == 0
+    assert main(["prune", "--model", str(r / "sparse/model.safetensors"), "--method", "l1rr", "--target-lfa", "0.05",
+                 "--coupling", "reconstruct", "--lfa-images", "8", "--data", d, "--out", str(r / "pruned"),
+                 *quick]) == 0
+    assert main(["finetune", "--model", str(r / "pruned/model.safetensors"), "--data", d, "--epochs", "1",
+                 "--out", str(r / "ft"), *quick]) == 0
+    assert main(["bundle", "--model", str(r / "ft/model.safetensors"), "--out", str(r / "bundle"),
+                 "--calib-size", "8", "--max-drop", "-1"]) == 0
+    assert bench_cli.main([str(r / "bundle"), "--warmup", "0", "--iterations", "2", "--duration", "0",
+                           "--no-power", "--json", str(r / "bench.json"), "--save-predictions", str(r / "p")]) == 0
+    runs = json.loads((r / "bench.json").read_text())["runs"]
+    assert runs and all(run["accuracy"]["map50"] is not None for run in runs)
+    pruned = json.loads((r / "pruned/record.json").read_text())
+    assert len(pruned["reconstructed_adds"]) == 7 and pruned["after"]["params"] < pruned["before"]["params"]
+    assert abs(pruned["feature_attention"]["chosen"]["lfa"]) <= 0.05

@@ -21,14 +21,15 @@ COLUMNS = (
     ("mean_ms", "mean ms"), ("median_ms", "median ms"), ("min_ms", "min ms"), ("max_ms", "max ms"),
     ("p99_ms", "p99 ms"), ("cv_pct", "CV %"), ("throughput_ips", "thr img/s (wall)"),
     ("speedup", "speed-up"), ("compute_ms", "GPU ms"), ("power_w", "power W"),
-    ("energy_mj_per_image", "mJ/img"), ("top1", "top-1"), ("miou", "mIoU"), ("peak_rss_mb", "peak RSS MB"),
+    ("energy_mj_per_image", "mJ/img"), ("preprocess_ms", "pre ms/img"), ("postprocess_ms", "decode+NMS ms/img"),
+    ("top1", "top-1"), ("miou", "mIoU"), ("map50", "mAP@0.5"), ("peak_rss_mb", "peak RSS MB"),
 )
 THROUGHPUT_NOTE = ("thr img/s (wall) = batch x timed runs / wall-clock time of the timed loop (every gap between "
                    "runs included), not batch / median latency; latencies are per batch")
 CSV_FIELDS = ("label", "model", "backend", "provider", "precision", "batch", "iterations", "duration_s", "mean_ms",
               "std_ms", "min_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "cv_pct", "throughput_ips",
               "speedup", "h2d_ms", "compute_ms", "d2h_ms", "power_w", "energy_mj_per_image", "gpu_load_pct",
-              "peak_rss_mb", "device_mb", "top1", "miou")
+              "peak_rss_mb", "device_mb", "preprocess_ms", "postprocess_ms", "top1", "miou", "map50", "map50_95")
 
 
 def label_of(run):
@@ -85,7 +86,10 @@ def comparison_rows(runs):
                 "energy_mj_per_image": power.get("energy_mj_per_image") if power.get("available") else None,
                 "gpu_load_pct": (power.get("gpu_load_pct") or {}).get("mean"),
                 "peak_rss_mb": mem.get("peak_rss_mb"), "device_mb": mem.get("device_mb"),
-                "top1": accuracy.get("top1"), "miou": accuracy.get("miou"),
+                "top1": accuracy.get("top1"), "miou": accuracy.get("miou"), "map50": accuracy.get("map50"),
+                "map50_95": accuracy.get("map50_95"),
+                # a detector's host-side costs around the timed inference: letterbox + normalize, decode + NMS
+                "preprocess_ms": accuracy.get("preprocess_ms"), "postprocess_ms": accuracy.get("postprocess_ms"),
             }
             rows.append({k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()})
     return rows
@@ -96,7 +100,7 @@ def _cell(key, value):
         return "-"
     if key == "speedup":
         return f"{value:.2f}x"
-    if key in ("top1", "miou"):
+    if key in ("top1", "miou", "map50", "map50_95"):
         return f"{100.0 * value:.2f} %"
     if key in ("throughput_ips", "peak_rss_mb"):
         return f"{value:.1f}"

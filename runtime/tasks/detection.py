@@ -458,8 +458,14 @@ class DetectionTask(DeviceTask):
     def summary(self, result):
         if result.get("map50") is None:
             return None
-        return "mAP@0.5 {:.2f} %, mAP@0.5:0.95 {:.2f} % on {} images".format(
+        line = "mAP@0.5 {:.2f} %, mAP@0.5:0.95 {:.2f} % on {} images".format(
             100.0 * result["map50"], 100.0 * result["map50_95"], result["n"])
+        if result.get("postprocess_ms") is not None:
+            line += "; per image on the host CPU: decode + NMS {:.2f} ms (deployment thresholds)".format(
+                result["postprocess_ms"])
+            if result.get("preprocess_ms") is not None:
+                line += ", letterbox + normalize {:.2f} ms".format(result["preprocess_ms"])
+        return line
 
     def describe(self, metadata):
         conf, iou, _ = thresholds(metadata, "eval")
