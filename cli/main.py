@@ -213,7 +213,8 @@ def cmd_eval(args) -> int:
 
     eval_run(args.model, args.data, args.out, EvalOptions(part=args.split, batch_size=args.batch_size,
                                                           device=args.device, progress=not args.quiet,
-                                                          fraction=args.fraction, seed=args.seed))
+                                                          fraction=args.fraction, seed=args.seed,
+                                                          save_predictions=args.save_predictions))
     return 0
 
 
@@ -367,6 +368,9 @@ def _add_model_parsers(sub) -> None:
     e.add_argument("--out", help="write metrics.json, confusion.png and record.json here")
     e.add_argument("--batch-size", type=int, default=128, help="images per batch")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    e.add_argument("--save-predictions", metavar="DIR",
+                   help="detection: write predictions.json (COCO results, original-image pixels) and the "
+                   "ground_truth.json they were scored against, for any COCO tool")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--seed", type=int, default=0, help="seed of --fraction")
     _add_fraction_option(e, "the evaluated images")

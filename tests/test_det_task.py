@@ -58,6 +58,30 @@ def test_eval_of_the_model_folder_repeats_the_test_numbers(det_run, scenes, tmp_
     assert result["map50"] == pytest.approx(record["test"]["map50"], abs=1e-9)
 
 
+def test_eval_saves_coco_predictions_that_a_coco_tool_rescores(det_run, scenes, tmp_path):
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    from rsedge.trainer.run import eval_run
+
+    out, record = det_run
+    saved = tmp_path / "pred"
+    result = eval_run(out / "model.safetensors", scenes, tmp_path / "ev", batch_size=4, workers=0,
+                      save_predictions=saved, **QUIET)
+    truth = json.loads((saved / "ground_truth.json").read_text())
+    names = [i["file_name"] for i in truth["images"]]
+    assert len(names) == result["samples"] and all(n.startswith("images/") for n in names)
+    gt = COCO(str(saved / "ground_truth.json"))
+    dt = gt.loadRes(str(saved / "predictions.json"))
+    ev = COCOeval_faster(gt, dt, "bbox", print_function=lambda *a: None)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    # predictions reaching into the letterbox padding are clipped to the image in the files (as on the device)
+    assert ev.stats[1] == pytest.approx(result["map50"], abs=0.02)
+    record_json = json.loads((tmp_path / "ev" / "record.json").read_text())
+    assert "detections" not in record_json["result"] and "examples" not in record_json["result"]
+
+
 def test_export_decodes_in_the_graph_guards_int8_on_map_and_appends_efficient_nms(det_run, tmp_path):
     import onnx
 
@@ -165,3 +189,18 @@ def test_yolo_through_every_stage_from_the_cli(tmp_path, capsys):
     pruned = json.loads((r / "pruned/record.json").read_text())
     assert len(pruned["reconstructed_adds"]) == 7 and pruned["after"]["params"] < pruned["before"]["params"]
     assert abs(pruned["feature_attention"]["chosen"]["lfa"]) <= 0.05
+
+
+@pytest.mark.parametrize("method", ["taylor", pytest.param("cap", marks=pytest.mark.slow), "fpgm"])
+def test_the_other_criteria_prune_the_detector_and_keep_its_detection_convs(det_run, scenes, tmp_path, method):
+    """Taylor and CAP differentiate the detection loss (with the model's anchors); no criterion touches
+    the detect convs' outputs (3 anchors x (5 + 3 classes))."""
+    from rsedge.compress.prune import prune_run
+    from rsedge.trainer.modelfile import load_model
+
+    out, _ = det_run
+    r = prune_run(out / "model.safetensors", tmp_path / method, method=method, ratio=0.3, data=scenes, batch_size=8,
+                  workers=0, taylor_batches=1, cap_samples=8, **QUIET)
+    model, _ = load_model(tmp_path / method / "model.safetensors")
+    assert r["after"]["params"] < 0.7 * r["before"]["params"]
+    assert [conv.out_channels for conv in model.detect] == [24, 24, 24]

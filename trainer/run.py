@@ -137,6 +137,10 @@ class EvalOptions:
     progress: bool = True
     fraction: float = 1.0
     seed: int = 0
+    save_predictions: str | Path | None = None  # detection: COCO predictions.json + ground_truth.json here
+
+
+RAW_RESULT_KEYS = ("examples", "detections", "truths")  # per-image data the figures read, not a record's
 
 
 def eval_run(model_file: str | Path, data: str | Path, out: str | Path | None = None,
@@ -155,9 +159,14 @@ def eval_run(model_file: str | Path, data: str | Path, out: str | Path | None = 
         sampled = fraction_info(o.fraction, o.seed, items, total, meta["classes"])
         log(f"--fraction {o.fraction:g}: {len(items)} of {len(total)} images, stratified by class (seed {o.seed})")
     task = task_for(meta)
-    result = evaluate_model(model, task.eval_dataset(root, items, meta), meta, o.device, o.batch_size, o.workers,
-                            o.progress, log=log)
+    if o.save_predictions is not None:
+        task.check_saves_predictions()
+    dataset = task.eval_dataset(root, items, meta)
+    result = evaluate_model(model, dataset, meta, o.device, o.batch_size, o.workers, o.progress, log=log)
     result["split"] = part
+    if o.save_predictions is not None:
+        saved = task.save_predictions(Path(o.save_predictions), result, meta, dataset, items, log)
+        log(f"predictions written to {saved['predictions']} (and {saved['ground_truth']})")
     if sampled is not None:
         result["fraction"] = sampled
     log(task.summary(result))
@@ -166,7 +175,8 @@ def eval_run(model_file: str | Path, data: str | Path, out: str | Path | None = 
         out.mkdir(parents=True, exist_ok=True)
         task.write_eval_outputs(out, result, meta, f"{meta['arch']} ({part})")
         write_record(out, "eval", {"inputs": {"model": str(Path(model_file).resolve()), "data": str(root)},
-                                   "split": part, "result": result})
+                                   "split": part,
+                                   "result": {k: v for k, v in result.items() if k not in RAW_RESULT_KEYS}})
     return result
 
 

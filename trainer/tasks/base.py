@@ -171,6 +171,17 @@ class Task(ABC):
 
         atomic_write_json(Path(out) / "metrics.json", result)
 
+    def check_saves_predictions(self) -> None:
+        """Refuse `--save-predictions` before the evaluation when the task writes none on the host."""
+        raise ValueError(f"rsedge eval --save-predictions is for detection; a {self.name} model's predictions are "
+                         f"written by rsedge-bench --save-predictions on its bundle")
+
+    def save_predictions(self, directory: Path, result: dict[str, Any], meta: dict[str, Any], dataset,
+                         items: Sequence[Sequence[Any]], log: Callable[[str], None]) -> dict[str, Any]:
+        """Write the evaluation's predictions where other tools can score them; {"predictions": path, ...}."""
+        self.check_saves_predictions()
+        return {}
+
     # -- compression --------------------------------------------------------------------------
     def head(self, meta: dict[str, Any]) -> tuple[str, ...]:
         """Module names pruning keeps whole: the head the model's spec declares."""

@@ -269,6 +269,26 @@ class DetectionTask(Task):
         if result.get("examples"):
             plot_detections(result["examples"], meta["classes"], Path(out) / "detections.png", title)
 
+    def check_saves_predictions(self) -> None:
+        return None
+
+    def save_predictions(self, directory: Path, result: dict[str, Any], meta: dict[str, Any], dataset,
+                         items: Sequence[Sequence[Any]], log) -> dict[str, Any]:
+        """COCO predictions.json (original-image pixels) and the ground_truth.json they were scored
+        against, by the device's writer, so host and device files read the same; file names are the
+        images' paths under the data folder."""
+        from rsedge.runtime.tasks.detection import CocoWriter, Detections, DetectionTarget
+
+        writer = CocoWriter(str(directory), meta["classes"], meta["input_size"])
+        for i, (det, truth) in enumerate(zip(result["detections"], result["truths"])):
+            writer.add(i, Detections(*det), DetectionTarget(truth[0], truth[1], dataset.info(i)))
+        if result.get("skipped_images"):
+            log("note: images were skipped as unreadable: the predictions' file names are eval_<index>")
+        else:
+            for image, item in zip(writer.images, items):
+                image["file_name"] = str(item[0])
+        return writer.finish()
+
     # -- compression --------------------------------------------------------------------------
     def target_regions(self, feature_model, images, targets):
         """For each detection layer, the ground-truth boxes as {0,1} masks at the layer's size
