@@ -25,6 +25,8 @@ EPILOG = """examples:
   rsedge-bench bundle/ --json r.json --md r.md         verify, build missing engines, benchmark + evaluate all
   rsedge-bench --eval bundle.tar.gz                     the archive `rsedge bundle --tar` writes, extracted to bundle/
   rsedge-bench seg-bundle/ --save-predictions preds/    segmentation: mIoU / BF on the bundle's tiles, masks to preds/
+  rsedge-bench det-bundle/ --save-predictions preds/    detection: mAP, decode + NMS time, COCO json to preds/
+  rsedge-bench det.onnx --eval data/yolo                detection on images with YOLO txt labels
   rsedge-bench base/model.onnx pruned/model.onnx        rows labelled base/model.onnx and pruned/model.onnx
   rsedge bench runs/ft/model.safetensors runs/onnx/model.onnx   (host only) a PyTorch row next to the ONNX one
 
@@ -90,7 +92,8 @@ def build_parser(prog="rsedge-bench"):
     p.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="segmentation: write each evaluated image's predicted mask to DIR/<row label>/NNNN.png "
                         "(index PNG, pixel value = class id; .npy without Pillow), numbered as the evaluation "
-                        "set, with predictions.json listing them, so any tool can score them")
+                        "set, with predictions.json listing them; detection: DIR/<row label>/predictions.json "
+                        "(COCO results, original-image pixels) and ground_truth.json; so any tool can score them")
     g = p.add_argument_group("bundles")
     g.add_argument("--build-batch", default=None, metavar="N|MIN,OPT,MAX",
                    help="optimization profile of engines built from a bundle; default: 1..max(--batch), tuned for "
@@ -168,8 +171,8 @@ def run_model(path, args, log, label=None, evaluate=None, backend=None):
             raise RuntimeToolError("{} is a {} model: it is evaluated on a bundle's evaluation set, not on an image "
                                    "folder (give rsedge-bench the bundle)".format(label or path, task.name))
         if args.save_predictions:
-            log("note: --save-predictions writes segmentation masks from a bundle's evaluation set; nothing is "
-                "saved for {}".format(label or path))
+            log("note: --save-predictions writes what a bundle's evaluation set predicts (segmentation masks, "
+                "detection COCO files); nothing is saved for {}".format(label or path))
 
         def evaluate(runner):
             return evaluate_folder_with(runner, folder, batch=args.eval_batch, limit=args.eval_limit, log=log)

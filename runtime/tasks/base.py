@@ -82,8 +82,8 @@ class DeviceTask(object):
         if images.shape[0] != len(targets):
             raise RuntimeToolError("{} images but {} {}".format(images.shape[0], len(targets), self.targets_name))
         if options.save_predictions:
-            options.log("note: {} runs write no predictions (--save-predictions is for segmentation)".format(
-                self.name))
+            options.log("note: {} runs write no predictions (--save-predictions is for segmentation and "
+                        "detection)".format(self.name))
         accumulator = self.accumulator(meta)
         for start, stop, outputs in loop.chunks(images):
             if options.observe is not None:
