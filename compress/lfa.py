@@ -47,6 +47,9 @@ def _head_input(gm, head: Sequence[str] | None):
 def _every_head_input(gm, head: Sequence[str] | None) -> list:
     """The input of every declared head module, in the declared order (a detector's detection layers)."""
     head = _head_names(gm, head)
+    if not head:
+        raise ValueError("the model declares no head (a traced or reconstructed copy keeps no spec): pass head=, "
+                         "the task's head modules, to read the detection layers")
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and n.target in set(head)}
     missing = [h for h in head if h not in calls]
     if missing:
@@ -106,6 +109,9 @@ def lfa(fa_pruned: float | Sequence[float], fa_sparse: float | Sequence[float]) 
     """Eq. 2: 1 - FA_pruned / FA_sparse, averaged over the detection layers when given per layer."""
     pruned = [fa_pruned] if isinstance(fa_pruned, (int, float)) else list(fa_pruned)
     sparse = [fa_sparse] if isinstance(fa_sparse, (int, float)) else list(fa_sparse)
+    if len(pruned) != len(sparse):
+        raise ValueError(f"L_FA compares {len(pruned)} feature map(s) of the pruned model with {len(sparse)} of the "
+                         f"sparse one")
     if any(s == 0 for s in sparse):
         raise ValueError("the sparse model has no activation inside the target regions (FA = 0)")
     return sum(1.0 - p / s for p, s in zip(pruned, sparse)) / len(sparse)

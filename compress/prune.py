@@ -281,7 +281,8 @@ def _search_lfa(model: nn.Module, meta: dict[str, Any], crit: Criterion, data: _
     plan = build_units(model, example, crit, ign, coupling)
     images, targets = data.tensors(data.val if len(data.val) else data.train_eval, o.lfa_images)
     every = getattr(data.task, "lfa_every_head", False)
-    fm = feature_model(model, every_head=every)
+    head = data.task.head(meta) if every else None
+    fm = feature_model(model, every_head=every, head=head)
     masks = data.task.target_regions(fm, images, targets)
     fa_sparse = feature_attention(fm, images, masks)
     scored = [u.scores for u in plan.units if u.scores is not None]
@@ -291,7 +292,8 @@ def _search_lfa(model: nn.Module, meta: dict[str, Any], crit: Criterion, data: _
 
     def evaluate(delta: float) -> tuple[float, float]:
         select(plan, threshold=delta, **select_kw)
-        fa = feature_attention(feature_model(masked_copy(model, plan), copy=False, every_head=every), images, masks)
+        fa = feature_attention(feature_model(masked_copy(model, plan), copy=False, every_head=every, head=head),
+                               images, masks)
         return lfa(fa, fa_sparse), sum(len(u.prune) for u in plan.units) / total
 
     log(f"searching the gamma threshold for |L_FA| <= {target:.2%} on {len(images)} images")

@@ -140,6 +140,8 @@ def test_target_regions_are_the_boxes_at_each_detection_layer_and_lfa_averages_t
     fa = feature_attention(fm, images, masks)
     assert fa == [8.0, 2.0]  # 2 channels x 4 cells, 2 channels x 1 cell
     assert lfa([6.0, 2.0], fa) == pytest.approx((0.25 + 0.0) / 2)
+    with pytest.raises(ValueError, match="compares 1 feature map"):
+        lfa([0.0], fa)  # a pruned model whose layers were not found is an error, not an L_FA of 1/2
 
 
 def test_ema_follows_the_weights_early_and_round_trips_through_a_checkpoint():
