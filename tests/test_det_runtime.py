@@ -204,17 +204,29 @@ def test_detections_match_one_to_one():
     assert detections_match(_det([wide, left], [0, 0]), _det([[0, 0, 14, 10], [0, 0, 24, 10]], [0, 0]))
 
 
-def test_agreement_compares_deployment_detections_per_image():
+def test_agreement_compares_deployment_detections():
     ref = _raw_outputs()
     same = {k: v.copy() for k, v in ref.items()}
     same["scores"][0, 2, 1] = 0.2  # a change under the deployment threshold is no disagreement
     assert TASK.agreement(ref, same, META) == 1.0
     moved = {k: v.copy() for k, v in ref.items()}
-    moved["boxes"][0, :2] += 12  # the plane moves by 12 px (IoU < 0.5): image 0 disagrees, image 1 agrees
-    assert TASK.agreement(ref, moved, META) == 0.5
+    moved["boxes"][0, :2] += 12  # the only detection (image 0's plane) moves by 12 px: IoU < 0.5
+    assert TASK.agreement(ref, moved, META) == 0.0
     relabel = {k: v.copy() for k, v in ref.items()}
     relabel["scores"][0, :, :] = relabel["scores"][0, :, ::-1]
-    assert TASK.agreement(ref, relabel, META) == 0.5
+    assert TASK.agreement(ref, relabel, META) == 0.0
+
+
+def test_agreement_is_the_f1_of_boxes_pooled_over_images(monkeypatch):
+    from rsedge.runtime.tasks.detection import matched_detections
+
+    a, b, c = [0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]
+    assert matched_detections(_det([a, b, c], [0, 1, 0]), _det([b, a], [1, 0])) == 2
+    runs = {"ref": [_det([a, b], [0, 1]), _det([c], [0]), _det([], [])],
+            "cand": [_det([a], [0]), _det([c], [0]), _det([], [])]}  # one of four boxes lost
+    monkeypatch.setattr(TASK, "decode", lambda outputs, meta, mode="eval": runs[outputs])
+    assert TASK.agreement("ref", "cand", META) == pytest.approx(2 * 2 / 5)
+    assert TASK.agreement("cand", "cand", META) == 1.0
 
 
 def _eval_set(rng, n=6, size=(64, 64)):

@@ -171,10 +171,9 @@ class DetectionAccumulator(object):
         return self.score.result()
 
 
-def _perfect_matching(adjacent):
-    """Whether the bipartite graph adjacent (n, n) bool has a perfect matching (augmenting paths)."""
-    n = adjacent.shape[0]
-    owner = [-1] * n
+def _max_matching(adjacent):
+    """The size of a maximum matching of the bipartite graph adjacent (n, m) bool (augmenting paths)."""
+    owner = [-1] * adjacent.shape[1]
 
     def augment(i, seen):
         for j in np.nonzero(adjacent[i])[0]:
@@ -185,7 +184,21 @@ def _perfect_matching(adjacent):
                     return True
         return False
 
-    return all(augment(i, [False] * n) for i in range(n))
+    return sum(1 for i in range(adjacent.shape[0]) if augment(i, [False] * adjacent.shape[1]))
+
+
+def _perfect_matching(adjacent):
+    """Whether the bipartite graph adjacent (n, n) bool has a perfect matching."""
+    return _max_matching(adjacent) == adjacent.shape[0]
+
+
+def matched_detections(a, b, iou_threshold=AGREEMENT_IOU):
+    """How many of two images' detections pair up one to one, each pair the same class with IoU >=
+    iou_threshold (a maximum matching, not a greedy one)."""
+    if not len(a.classes) or not len(b.classes):
+        return 0
+    adjacent = (box_iou(a.boxes, b.boxes) >= iou_threshold) & (a.classes[:, None] == b.classes[None, :])
+    return _max_matching(adjacent)
 
 
 def detections_match(a, b, iou_threshold=AGREEMENT_IOU):
@@ -356,13 +369,19 @@ class DetectionTask(DeviceTask):
         return DetectionAccumulator(classes)
 
     def agreement(self, reference, candidate, metadata):
-        """Fraction of images whose deployment-threshold detections pair one to one between the two
-        runs, each pair of the same class with IoU >= 0.5 (two empty images agree)."""
+        """The F1 of one run's deployment-threshold detections against the other's, pooled over the
+        images: 2 x pairs / (detections of both), a pair being the same class at IoU >= 0.5 in a
+        one-to-one matching per image (1.0 when neither run detects anything). A box per image, not an
+        image, is the unit: an INT8 run that moves one low-confidence box across the threshold in
+        every image still agrees on all the others."""
         a = self.decode(reference, metadata, mode="deploy")
         b = self.decode(candidate, metadata, mode="deploy")
         if len(a) != len(b):
             raise RuntimeToolError("{} images against {}".format(len(a), len(b)))
-        return float(np.mean([detections_match(x, y) for x, y in zip(a, b)])) if a else 1.0
+        total = sum(len(x.classes) + len(y.classes) for x, y in zip(a, b))
+        if not total:
+            return 1.0
+        return 2.0 * sum(matched_detections(x, y) for x, y in zip(a, b)) / total
 
     def load_targets(self, bundle_dir, entry, limit=None):
         arrays = [load_array(eval_file(bundle_dir, entry, key)) for key in ("boxes", "classes", "counts",
