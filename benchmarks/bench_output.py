@@ -1,9 +1,10 @@
-"""Where a benchmark script writes its results, and the help formatter they share.
+"""Where a benchmark script writes its results, and the help formatter, log and machine facts they share.
 
 A run made to try something must not overwrite the committed results the READMEs quote, so
 results go to benchmarks/work/results/ (git-ignored) unless the run says `--commit-results`
 (then benchmarks/results/, and `git diff benchmarks/results/` shows what changed).
 """
+import time
 from pathlib import Path
 
 from rsedge.runtime.helpformat import HelpFormatter
@@ -31,3 +32,18 @@ def results_dir(folder, commit):
     if folder:
         return Path(folder)
     return COMMITTED if commit else WORK
+
+
+def log(msg: str) -> None:
+    """A timestamped progress line (long runs are read in their log files)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def gpu_name() -> str | None:
+    """The CUDA device training would use, for the record (None on a CPU-only machine)."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - a broken CUDA setup is recorded as no GPU
+        return None

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_output import Formatter, add_output_options, results_dir
+from bench_output import Formatter, add_output_options, gpu_name, log, results_dir
 
 HERE = Path(__file__).resolve().parent
 # Table 6 of the paper (YOLOv5s v6.1, NWPU VHR-10, 640 px, 300 epochs): mAP@0.5, mAP@0.5:0.95 (%),
@@ -65,10 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default=str(HERE / "work" / "l1rr"), help="run directories (resumable)")
     add_output_options(p)
     return p
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def cfg(args, epochs: int, lr: float = 0.01):
@@ -241,7 +237,7 @@ def main(argv=None) -> int:
                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
            "date": now_iso(), "seconds": round(time.time() - t0, 1),
            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                       "gpu_for_training": _gpu_name()},
+                       "gpu_for_training": gpu_name()},
            "versions": versions(), "data": str(data), "settings": {**vars(args), "work": str(work)},
            "split": json.loads((work / "baseline" / "split.json").read_text())["counts"],
            "l1rr_pruning": _l1rr_mode(pruned_files["L1RR"]), "rows": rows, "goals": goals(rows)}
@@ -271,15 +267,6 @@ def goals(rows: list[dict]) -> dict:
     drop = 100 * (base["map50"] - l1rr["map50"])
     return {"params_reduction": l1rr["pr_param"], "map50_drop_points": drop,
             "met": l1rr["pr_param"] >= 0.6 and drop <= 2.0}
-
-
-def _gpu_name() -> str | None:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _num(v, fmt: str = ".2f", scale: float = 1.0) -> str:

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_output import Formatter, add_output_options, results_dir
+from bench_output import Formatter, add_output_options, gpu_name, log, results_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,10 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default=str(HERE / "work" / "seg"), help="run directories (resumable)")
     add_output_options(p)
     return p
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def train_config(args, epochs: int, retrain: bool):
@@ -230,7 +226,7 @@ def main(argv=None) -> int:
     doc = {"command": "python benchmarks/reproduce_prune_quantize_seg.py " + " ".join(
                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
            "date": now_iso(), "seconds": round(time.time() - t0, 1),
-           "machine": {"platform": platform.platform(), "gpu_for_training": _gpu_name(),
+           "machine": {"platform": platform.platform(), "gpu_for_training": gpu_name(),
                        "cpu": next((r["onnx"]["cpu"] for r in rows if r["onnx"]), None)},
            "versions": versions(), "data": str(data), "settings": vars(args) | {"work": str(work)},
            "split": json.loads((work / "baseline" / "split.json").read_text())["counts"],
@@ -265,15 +261,6 @@ def goals(rows: list[dict]) -> dict:
         "int8_miou_drop_points": None if int8 is None else 100 * (miou("baseline", "onnx") - int8),
         "int8_goal_met": None if int8 is None else 100 * (miou("baseline", "onnx") - int8) <= 1,
     }
-
-
-def _gpu_name() -> str | None:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _pct(v) -> str:

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_output import Formatter, add_output_options, results_dir
+from bench_output import Formatter, add_output_options, gpu_name, log, results_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -95,10 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     return build_parser().parse_args(argv)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def make_split(data: Path, subset: float, seed: int, path: Path) -> dict:
@@ -297,7 +293,7 @@ def main(argv=None) -> int:
         "date": now_iso(),
         "seconds": round(time.time() - t0, 1),
         "machine": {"platform": platform.platform(), "cpu": cond.get("cpu") or platform.processor(),
-                    "gpu_for_training": _gpu_name()},
+                    "gpu_for_training": gpu_name()},
         "versions": versions(),
         "data": str(data),
         "split": {"seed": args.seed, "train": split["counts"]["train"], "test": split["counts"]["test"],
@@ -318,15 +314,6 @@ def main(argv=None) -> int:
     atomic_write_bytes(out / f"{stem}.md", markdown(doc, stem).encode())
     print(markdown(doc, stem))
     return 0
-
-
-def _gpu_name() -> str | None:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _fmt(v, spec):

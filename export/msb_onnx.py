@@ -29,7 +29,7 @@ from rsedge.compress.msb_fixed import QuantizedTensor, QuantizedWeights, quantiz
 from rsedge.trainer.modelfile import QUANT_KEY
 from rsedge.trainer.records import atomic_write_bytes
 
-from .onnx_export import parity, run_onnx, run_torch, set_metadata
+from .onnx_export import parity, run_onnx_outputs, run_torch_outputs, set_metadata
 from .onnx_graph import graph_stats
 
 RELATIVE_TOLERANCE = 1e-6  # of a channel's largest |value|: a folded BatchNorm factor is a few ulps off
@@ -150,7 +150,7 @@ def int8_weight_onnx(onnx_path: str | Path, model: nn.Module, meta: dict[str, An
         log(f"warning: {weights.bits}-bit weights stay float in the ONNX: opset 13 DequantizeLinear reads int8 only")
         return {"weights": {**info, "int8_initializers": 0, "reason": "bits above 8 (opset 13 has no int16 input)"}}
     float_bytes = onnx_path.read_bytes()
-    float_out = run_onnx(onnx_path, check_images)
+    float_out = run_onnx_outputs(onnx_path, check_images)
     proto = onnx.load(str(onnx_path))
     info.update(rewrite_initializers(proto, weights))
     info["activations"] = "float32 (weights dequantized in the graph; not an INT8 engine)"
@@ -158,8 +158,8 @@ def int8_weight_onnx(onnx_path: str | Path, model: nn.Module, meta: dict[str, An
         "scheme", "bits", "int8_initializers", "per_tensor", "per_channel", "activations")})})
     onnx.checker.check_model(proto)
     atomic_write_bytes(onnx_path, proto.SerializeToString())
-    task = task_for(meta).name
-    moved = parity(float_out, run_onnx(onnx_path, check_images), task=task)
+    task = task_for(meta)
+    moved = parity(float_out, run_onnx_outputs(onnx_path, check_images), task=task.name)
     if moved["max_abs_diff"] > OUTPUT_TOLERANCE:
         atomic_write_bytes(onnx_path, float_bytes)
         log(f"warning: int8 weights changed the ONNX outputs (max abs diff {moved['max_abs_diff']:.3g}): "
@@ -167,7 +167,9 @@ def int8_weight_onnx(onnx_path: str | Path, model: nn.Module, meta: dict[str, An
         return {"weights": {**info, "int8_initializers": 0, "reason": "outputs moved", "moved": moved}}
     info["file_bytes"] = onnx_path.stat().st_size
     info["size_vs_float"] = info["file_bytes"] / info["float_file_bytes"]
-    result = parity(run_torch(model, check_images), run_onnx(onnx_path, check_images), task=task)
+    module = task.export_module(model, meta)  # every output the graph has (a detector's decoded boxes too)
+    result = parity(run_torch_outputs(module, check_images, task.export_outputs(meta)),
+                    run_onnx_outputs(onnx_path, check_images), task=task.name)
     log(f"{onnx_path.name}: {info['int8_initializers']} of {len(weights.tensors)} quantized tensors stored as int8 "
         f"behind DequantizeLinear ({info['per_tensor']} per-tensor 2^-f, {info['per_channel']} per-channel with a "
         f"folded BatchNorm), {info['float_file_bytes'] / 1e6:.2f} MB -> {info['file_bytes'] / 1e6:.2f} MB; "

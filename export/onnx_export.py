@@ -199,13 +199,6 @@ def evaluate_onnx(path: str | Path, images: np.ndarray, targets: Any, task: str 
 
 
 @torch.no_grad()
-def run_torch(model: nn.Module, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    model.eval()
-    outs = [model(torch.from_numpy(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]
-    return np.concatenate(outs)
-
-
-@torch.no_grad()
 def run_torch_outputs(module: nn.Module, images: np.ndarray, names: Sequence[str], batch: int = 64
                       ) -> dict[str, np.ndarray]:
     """Every output of the module an export writes (one tensor, or a tuple: a detector's boxes and

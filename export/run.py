@@ -20,7 +20,7 @@ from rsedge.trainer.sampling import check_fraction, fraction_info, item_target, 
 from rsedge.trainer.stage import RunDirKind, build_options, model_items, open_run_dir
 from rsedge.trainer.tasks import stack_dataset, task_for
 
-from .int8_guard import GuardOptions, quantize_with_guard
+from .int8_guard import GuardOptions, MetricScorer, quantize_with_guard
 from .msb_onnx import int8_weight_onnx
 from .onnx_export import DEFAULT_OPSET, export_onnx, parity, predict_onnx, preprocess_spec, run_onnx_outputs
 from .onnx_graph import graph_stats
@@ -286,8 +286,9 @@ def export_int8(onnx_path: Path, meta: dict[str, Any], data: str | Path | None, 
 def _log_written(q_path: Path, rec: dict[str, Any], log: Callable[[str], None]) -> None:
     q, n = rec["quantized_nodes"], rec["quantizable_nodes"]
     metric = rec.get("metric")
-    if metric in ("miou", "map50"):
-        label, unit = ("mIoU", "windows") if metric == "miou" else ("mAP@0.5", "images")
+    scored = {m: (label, unit) for m, label, unit in MetricScorer.METRICS.values()}
+    if metric in scored:
+        label, unit = scored[metric]
         acc = (f", validation {label} {100 * rec[f'int8_{metric}']:.2f} % vs FP32 {100 * rec[f'fp32_{metric}']:.2f} % "
                f"on {rec['validation_images']} {unit}" if rec["validation_images"] else "")
     else:

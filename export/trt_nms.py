@@ -45,6 +45,8 @@ def append_efficient_nms(src: str | Path, dst: str | Path, options: NmsOptions |
     import onnx
     from onnx import TensorProto, helper
 
+    from .onnx_export import set_metadata
+
     o = options or NmsOptions()
     o.check()
     model = onnx.load(str(src))
@@ -68,11 +70,7 @@ def append_efficient_nms(src: str | Path, dst: str | Path, options: NmsOptions |
         helper.make_tensor_value_info("det_scores", TensorProto.FLOAT, [batch_dim, k]),
         helper.make_tensor_value_info("det_classes", TensorProto.INT32, [batch_dim, k]),
     ])
-    meta = {p.key: p.value for p in model.metadata_props}
-    meta.update({"rsedge.nms": "trt", "rsedge.max_det": str(k)})
-    del model.metadata_props[:]
-    for key, value in meta.items():
-        model.metadata_props.add(key=key, value=value)
+    set_metadata(model, {"rsedge.nms": "trt", "rsedge.max_det": str(k)})
     onnx.save(model, str(dst))
     return {"file": Path(dst).name, "plugin": PLUGIN, "outputs": list(OUTPUTS), **attrs,
             "class_agnostic": bool(o.class_agnostic), "min_tensorrt": o.min_tensorrt(),

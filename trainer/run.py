@@ -159,8 +159,9 @@ def eval_run(model_file: str | Path, data: str | Path, out: str | Path | None = 
         sampled = fraction_info(o.fraction, o.seed, items, total, meta["classes"])
         log(f"--fraction {o.fraction:g}: {len(items)} of {len(total)} images, stratified by class (seed {o.seed})")
     task = task_for(meta)
-    if o.save_predictions is not None:
-        task.check_saves_predictions()
+    if o.save_predictions is not None and not task.saves_predictions:
+        raise ValueError(f"rsedge eval --save-predictions is for detection; a {task.name} model's predictions are "
+                         f"written by rsedge-bench --save-predictions on its bundle")
     dataset = task.eval_dataset(root, items, meta)
     result = evaluate_model(model, dataset, meta, o.device, o.batch_size, o.workers, o.progress, log=log)
     result["split"] = part

@@ -307,6 +307,7 @@ def fit(
     opt = make_optimizer(model, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    extra: dict[str, torch.Tensor] = {}
     if start_epoch:
         extra = load_extra_tensors(run_dir / "checkpoint.safetensors")
         _restore_optimizer(opt, extra, info["optimizer"])
@@ -314,7 +315,7 @@ def fit(
         if use_amp and "scaler" in info:
             scaler.load_state_dict(info["scaler"])
     run = _Run(cfg, task, meta, device, opt, scaler, use_amp, loss_fn or task.model_loss(meta, cfg), log, progress,
-               before_step, _make_ema(model, cfg, task, run_dir if start_epoch else None, info))
+               before_step, _make_ema(model, cfg, task, extra, info))
     val_key = task.metric_key("val")
     if history and history[-1].get(val_key) is None and val_ds is not None and len(val_ds) > 0:
         log(f"validating epoch {history[-1]['epoch']}, which the interrupted run checkpointed but did not validate")
@@ -338,16 +339,16 @@ def fit(
     return _evaluated(model, run).eval(), history
 
 
-def _make_ema(model: nn.Module, cfg: TrainConfig, task: Task, resume_dir: Path | None, info: dict[str, Any]):
+def _make_ema(model: nn.Module, cfg: TrainConfig, task: Task, extra: dict[str, torch.Tensor], info: dict[str, Any]):
     """The weight average of a run that keeps one (`cfg.ema`, else the task's default), restored
-    from the checkpoint when resuming."""
+    from the checkpoint's tensors (`extra`, empty for a new run) when resuming."""
     if not (cfg.ema if cfg.ema is not None else task.ema_by_default):
         return None
     from .ema import ModelEMA
 
     ema = ModelEMA(model)
-    if resume_dir is not None:
-        ema.restore(load_extra_tensors(resume_dir / "checkpoint.safetensors"), info.get("ema_updates", 0))
+    if extra:
+        ema.restore(extra, info.get("ema_updates", 0))
     return ema
 
 

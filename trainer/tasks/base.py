@@ -55,6 +55,17 @@ def stack_dataset(ds, input_size: Sequence[int], log: Callable[[str], None] = pr
     return np.stack([x.numpy() for x in xs]).astype(np.float32), list(ys)
 
 
+def percent(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def per_class_lines(per_class: dict[str, dict[str, Any]], columns: Sequence[tuple[str, str]]) -> list[str]:
+    """One summary line per class: `columns` are (label, key) of its row, printed as percentages."""
+    width = max((len(c) for c in per_class), default=0)
+    return [f"  {name:<{width}}  " + "  ".join(f"{label} {percent(row.get(key))}" for label, key in columns)
+            for name, row in per_class.items()]
+
+
 class Task(ABC):
     name = "?"
     primary_metric = "top1"
@@ -65,6 +76,7 @@ class Task(ABC):
     record_keys: tuple[str, ...] = ()  # result keys a stage's record keeps; () = primary, samples, skipped
     default_lr: dict[str, float] | None = None  # by optimizer, when --lr is not given (None: TrainConfig's)
     ema_by_default = False  # train with an EMA of the weights unless the user says otherwise
+    saves_predictions = False  # `rsedge eval --save-predictions` writes this task's predictions
     lfa_every_head = False  # L_FA reads the input of every head module (detection layers), not the last map
 
     # -- data ---------------------------------------------------------------------------------
@@ -171,16 +183,11 @@ class Task(ABC):
 
         atomic_write_json(Path(out) / "metrics.json", result)
 
-    def check_saves_predictions(self) -> None:
-        """Refuse `--save-predictions` before the evaluation when the task writes none on the host."""
-        raise ValueError(f"rsedge eval --save-predictions is for detection; a {self.name} model's predictions are "
-                         f"written by rsedge-bench --save-predictions on its bundle")
-
     def save_predictions(self, directory: Path, result: dict[str, Any], meta: dict[str, Any], dataset,
                          items: Sequence[Sequence[Any]], log: Callable[[str], None]) -> dict[str, Any]:
-        """Write the evaluation's predictions where other tools can score them; {"predictions": path, ...}."""
-        self.check_saves_predictions()
-        return {}
+        """Write the evaluation's predictions where other tools can score them; {"predictions": path, ...}.
+        Only a task with `saves_predictions` does."""
+        raise NotImplementedError(f"the {self.name} task writes no predictions on the host")
 
     # -- compression --------------------------------------------------------------------------
     def head(self, meta: dict[str, Any]) -> tuple[str, ...]:

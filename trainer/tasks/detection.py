@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Evaluator, LossFn, Task
+from .base import Evaluator, LossFn, Task, per_class_lines, percent
 
 EVAL_CONF, EVAL_IOU = 0.001, 0.6  # the paper's evaluation thresholds
 DEPLOY_CONF, DEPLOY_IOU = 0.25, 0.45  # what a deployed detector reports
@@ -151,6 +151,7 @@ class DetectionTask(Task):
                    "skipped_images")
     default_lr = {"sgd": 0.01, "adamw": 1e-3}
     ema_by_default = True
+    saves_predictions = True
     lfa_every_head = True  # L_FA reads every detection layer (seed 001, eq. 2)
 
     @staticmethod
@@ -245,16 +246,10 @@ class DetectionTask(Task):
         return min(requested, 16)
 
     def summary(self, result: dict[str, Any]) -> str:
-        def pct(v: Any) -> str:
-            return "n/a" if v is None else f"{100 * v:.2f} %"
-
-        lines = [f"mAP@0.5 {pct(result.get('map50'))}, mAP@0.5:0.95 {pct(result.get('map50_95'))}, precision "
-                 f"{pct(result.get('precision'))}, recall {pct(result.get('recall'))} "
+        lines = [f"mAP@0.5 {percent(result.get('map50'))}, mAP@0.5:0.95 {percent(result.get('map50_95'))}, "
+                 f"precision {percent(result.get('precision'))}, recall {percent(result.get('recall'))} "
                  f"({result.get('samples', 0)} images)"]
-        per_class = result.get("per_class") or {}
-        width = max((len(c) for c in per_class), default=0)
-        for name, row in per_class.items():
-            lines.append(f"  {name:<{width}}  AP50 {pct(row.get('ap50'))}  AP50:95 {pct(row.get('ap50_95'))}")
+        lines += per_class_lines(result.get("per_class") or {}, (("AP50", "ap50"), ("AP50:95", "ap50_95")))
         return "\n".join(lines)
 
     def write_eval_outputs(self, out: Path, result: dict[str, Any], meta: dict[str, Any], title: str) -> None:
@@ -268,9 +263,6 @@ class DetectionTask(Task):
             plot_pr_curves(curves, meta["classes"], Path(out) / "pr_curves.png", title)
         if result.get("examples"):
             plot_detections(result["examples"], meta["classes"], Path(out) / "detections.png", title)
-
-    def check_saves_predictions(self) -> None:
-        return None
 
     def save_predictions(self, directory: Path, result: dict[str, Any], meta: dict[str, Any], dataset,
                          items: Sequence[Sequence[Any]], log) -> dict[str, Any]:
@@ -335,7 +327,7 @@ class DetectionTask(Task):
 
         ds = self.eval_dataset(root, items, meta)
         images, targets = stack_dataset(ds, meta["input_size"])
-        infos = [ds.info(i) for i in range(len(ds)) if i < len(targets)]
+        infos = [ds.info(i) for i in range(len(targets))]
         arrays = [truth_arrays(t) for t in targets]
         packed = pack_eval_targets([a[0] for a in arrays], [a[1] for a in arrays], infos)
         return {"images": images, "targets": {f"{k}.npy": v for k, v in packed.items()}}

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Evaluator, LossFn, Task
+from .base import Evaluator, LossFn, Task, per_class_lines, percent
 
 IGNORE_INDEX = 255
 EXAMPLES = 4  # images an evaluation keeps for the overlay figure
@@ -265,15 +265,9 @@ class SegmentationTask(Task):
         return min(requested, 2)
 
     def summary(self, result: dict[str, Any]) -> str:
-        def pct(v: Any) -> str:
-            return "n/a" if v is None else f"{100 * v:.2f} %"
-
-        lines = [f"mIoU {pct(result.get('miou'))}, global accuracy {pct(result.get('global_accuracy'))}, "
-                 f"mean BF {pct(result.get('mean_bf'))} ({result.get('samples', 0)} images, sliding window)"]
-        per_class = result.get("per_class") or {}
-        width = max((len(c) for c in per_class), default=0)
-        for name, row in per_class.items():
-            lines.append(f"  {name:<{width}}  IoU {pct(row.get('iou'))}  accuracy {pct(row.get('accuracy'))}")
+        lines = [f"mIoU {percent(result.get('miou'))}, global accuracy {percent(result.get('global_accuracy'))}, "
+                 f"mean BF {percent(result.get('mean_bf'))} ({result.get('samples', 0)} images, sliding window)"]
+        lines += per_class_lines(result.get("per_class") or {}, (("IoU", "iou"), ("accuracy", "accuracy")))
         return "\n".join(lines)
 
     def write_eval_outputs(self, out: Path, result: dict[str, Any], meta: dict[str, Any], title: str) -> None:
