@@ -5,10 +5,13 @@
 
 Trains a baseline on a stratified subset of the data (the same split for every method), then for
 each method: (l1rr: sparse training first) prune, fine-tune, export to ONNX and benchmark it with
-the device runtime (ONNX Runtime here; TensorRT on a Jetson through `bench_device.sh`). Every stage
+the device runtime (ONNX Runtime here; TensorRT on a Jetson through `bench_device.sh`).
+`--l1rr-protocol paper` runs l1rr as seed 001 does instead: sparse training from scratch (the
+baseline's architecture and split, fresh weights), pruning, no fine-tuning. Every stage
 writes its run directory under `--work`; a rerun skips the stages whose record exists, so an
-interrupted run resumes. Results: `pruning_<arch>_<data>.{json,md}` with the command, machine,
-versions and date, in benchmarks/work/results/ (benchmarks/results/ with --commit-results).
+interrupted run resumes. Results: `pruning_<arch>_<data>.{json,md}` (`..._l1rr-paper.{json,md}` with
+`--l1rr-protocol paper`) with the command, machine, versions and date, in benchmarks/work/results/
+(benchmarks/results/ with --commit-results).
 """
 import argparse
 import math
@@ -35,6 +38,7 @@ PAPER = {
     "group": "Fang et al. 2023 (DepGraph)",
     "l1rr": "seed 001 (L1RR)",
 }
+L1RR_PROTOCOLS = ("rsedge", "paper")
 
 
 def build_parser():
@@ -48,6 +52,10 @@ def build_parser():
     p.add_argument("--ft-epochs", type=int, default=None, help="fine-tuning epochs (default: --epochs)")
     p.add_argument("--sparse-epochs", type=int, default=None,
                    help="l1rr sparse-training epochs (default: --epochs, at least 2 so a regularized phase runs)")
+    p.add_argument("--l1rr-protocol", choices=L1RR_PROTOCOLS, default="rsedge",
+                   help="rsedge: sparse-train the trained baseline, prune, fine-tune; paper (seed 001): "
+                   "sparse-train from scratch for --sparse-epochs, prune, no fine-tuning (the pruned model's "
+                   "test top-1 is the result)")
     p.add_argument("--ratio", type=float, default=0.5, help="pruning ratio (RemoteTrimmer's table uses 0.7)")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to run")
     p.add_argument("--loss", choices=("ce", "aml"), default="ce", help="fine-tuning loss")
@@ -95,6 +103,40 @@ def subset_split(data, subset, seed, path, log):
 
 def done(d):
     return (Path(d) / "record.json").is_file()
+
+
+def method_dir(method, protocol):
+    """l1rr's runs of the two protocols never share a directory (nor a resumed stage)."""
+    return f"l1rr-{protocol}" if method == "l1rr" else method
+
+
+def pruned_test_top1(model_file, data, out, args, log):
+    """Seed 001's result: the pruned model, not fine-tuned, on the test split (`rsedge eval`'s stage)."""
+    from rsedge.trainer.records import read_json
+    from rsedge.trainer.run import eval_run
+
+    if not done(out):
+        log("l1rr: test top-1 of the pruned model (paper protocol: no fine-tuning)")
+        eval_run(model_file, data, out, part="test", batch_size=args.batch_size, workers=args.workers,
+                 progress=False, log=log)
+    return read_json(Path(out) / "record.json")["result"]["top1"]
+
+
+def l1rr_text(protocol, sparse_epochs, ft_epochs):
+    """(the l1rr part of the settings line, the l1rr note): which protocol, and how it is not the paper's."""
+    common = "global gamma threshold at the same ratio, residual reconstruction, bias compensation"
+    if protocol == "paper":
+        return (f"l1rr (protocol `paper`, seed 001's): {sparse_epochs} epoch(s) of sparse training from scratch "
+                f"(the baseline's architecture and split, fresh weights), {common}, no fine-tuning: its test top-1 "
+                f"is the pruned model's",
+                f"l1rr followed the paper: {sparse_epochs} epoch(s) of sparse training from scratch in place of the "
+                f"baseline's training, pruned and not fine-tuned, so its accuracy is that of a model trained for "
+                f"{sparse_epochs} epoch(s) in all")
+    return (f"l1rr (protocol `rsedge`): {sparse_epochs} epoch(s) of sparse training starting from the trained "
+            f"baseline, {common}, then fine-tuning like the others",
+            f"l1rr used rsedge's protocol, not the paper's: seed 001 sparse-trains from scratch and prunes without "
+            f"fine-tuning (`--l1rr-protocol paper`); here it trained {sparse_epochs} epoch(s) of sparse training on "
+            f"top of the baseline and {ft_epochs} of fine-tuning, so its accuracy is not directly comparable")
 
 
 def machine():
@@ -166,15 +208,17 @@ def main(argv=None):
     rows.append({"method": "baseline", "paper": "", "test_top1": brec["test"]["top1"], "top1_after_prune": None,
                  "params": brec["params"], **export(base_model, base)})
     for method in args.methods:
-        run = work / method
+        run = work / method_dir(method, args.l1rr_protocol)
         t0 = time.perf_counter()
         source = base_model
+        paper = method == "l1rr" and args.l1rr_protocol == "paper"
         if method == "l1rr":
             sp = run / "sparse"
             if not done(sp):
-                log(f"l1rr: sparse training ({sparse_epochs} epochs)")
-                sparse_train_run(base_model, data, sp, method="l1rr", cfg=cfg(sparse_epochs, 0.01, "sgd"), resume=True,
-                                 log=log)
+                start = "from scratch" if paper else "from the baseline"
+                log(f"l1rr: sparse training {start} ({sparse_epochs} epochs)")
+                sparse_train_run(base_model, data, sp, method="l1rr", cfg=cfg(sparse_epochs, 0.01, "sgd"),
+                                 from_scratch=paper, resume=True, log=log)
             source = sp / "model.safetensors"
         pr = run / "prune"
         if not done(pr):
@@ -183,16 +227,22 @@ def main(argv=None):
                       workers=args.workers, seed=args.seed,
                       coupling="reconstruct" if method == "l1rr" else "shared",
                       compensate_bias=method == "l1rr")
-        ft = run / "finetune"
-        if not done(ft):
-            log(f"{method}: fine-tune ({ft_epochs} epochs, {args.loss})")
-            finetune_run(pr / "model.safetensors", data, ft, cfg=cfg(ft_epochs, 1e-3), loss=args.loss, resume=True,
-                         log=log)
-        prec, frec = read_json(pr / "record.json"), read_json(ft / "record.json")
-        row = {"method": method, "paper": PAPER[method], "test_top1": frec["test"]["top1"],
+        if paper:
+            final, test_top1 = pr / "model.safetensors", pruned_test_top1(pr / "model.safetensors", data,
+                                                                          run / "eval", args, log)
+        else:
+            ft = run / "finetune"
+            if not done(ft):
+                log(f"{method}: fine-tune ({ft_epochs} epochs, {args.loss})")
+                finetune_run(pr / "model.safetensors", data, ft, cfg=cfg(ft_epochs, 1e-3), loss=args.loss,
+                             resume=True, log=log)
+            final, test_top1 = ft / "model.safetensors", read_json(ft / "record.json")["test"]["top1"]
+        prec = read_json(pr / "record.json")
+        row = {"method": method, "paper": PAPER[method], "test_top1": test_top1,
                "top1_after_prune": prec.get("val_top1_before_finetune"), "params": prec["after"]["params"],
-               "macs": prec["after"]["macs"], "coupling": prec.get("coupling"),
-               **export(ft / "model.safetensors", run)}
+               "macs": prec["after"]["macs"], "coupling": prec.get("coupling"), **export(final, run)}
+        if method == "l1rr":
+            row["l1rr_protocol"] = args.l1rr_protocol
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         log(f"{method}: test top-1 {row['test_top1']:.4f}, params {row['params']:,}")
@@ -235,37 +285,41 @@ def main(argv=None):
     }
     results = results_dir(args.results, args.commit_results)
     results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(results / f"pruning_{tag}.json", doc)
+    name = f"pruning_{tag}" + ("_l1rr-paper" if args.l1rr_protocol == "paper" else "")
+    atomic_write_json(results / f"{name}.json", doc)
     head = ["method", "paper", "test top-1", "top-1 right after pruning", "params", "MACs", "ONNX MB",
             "median ms", "FPS (1/median)", "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         after = "" if r["top1_after_prune"] is None else f"{r['top1_after_prune']:.4f}"
-        lines.append(f"| {r['method']} | {r['paper']} | {r['test_top1']:.4f} | {after} | {r['params']:,} | "
+        shown = f"{r['method']} ({r['l1rr_protocol']} protocol)" if "l1rr_protocol" in r else r["method"]
+        lines.append(f"| {shown} | {r['paper']} | {r['test_top1']:.4f} | {after} | {r['params']:,} | "
                      f"{r['macs']:,} | {r['onnx_mb']:.2f} | {r['latency_ms_median']:.3f} | {r['fps']:.1f} | "
                      f"{r['speedup']:.2f}x |")
     m = doc["machine"]
+    l1rr_settings, l1rr_note = l1rr_text(args.l1rr_protocol, sparse_epochs, ft_epochs)
+    has_l1rr = "l1rr" in args.methods
     md = (f"# Pruning methods on {args.arch}, {data.name}\n\n"
           + (f"**{label}**\n\n" if label else "")
           + f"Split: train {doc['settings']['split_counts']['train']}, val {doc['settings']['split_counts']['val']}, "
           f"test {doc['settings']['split_counts']['test']} images (subset {args.subset:g}, seed {args.seed}); "
           f"{args.img_size}x{args.img_size}; baseline {args.epochs} epoch(s), fine-tuning {ft_epochs} epoch(s) "
-          f"({args.loss}), ratio {args.ratio}; l1rr: {sparse_epochs} epoch(s) of sparse training, global gamma "
-          f"threshold at the same ratio, residual reconstruction, bias compensation. Test top-1 from PyTorch on the "
-          f"test split after fine-tuning; latency: ONNX Runtime CPU, batch 1, median of {args.bench_rounds} "
+          f"({args.loss}), ratio {args.ratio}" + (f"; {l1rr_settings}" if has_l1rr else "")
+          + ". Test top-1 from PyTorch on the test split after fine-tuning"
+          + (" (l1rr `paper`: right after pruning)" if has_l1rr and args.l1rr_protocol == "paper" else "")
+          + f"; latency: ONNX Runtime CPU, batch 1, median of {args.bench_rounds} "
           f"interleaved rounds of {args.bench_seconds:g} s.\n\n"
           + "\n".join(lines)
           + "\n\nNotes: with shared coupling every method keeps the same widths at a given ratio (multiples of "
-          "8), so their latencies differ by noise only. l1rr trained " + str(sparse_epochs) + " more epoch(s) (sparse "
-          "training) before pruning, so its accuracy is not directly comparable; its reconstructed adds hold the union "
-          "of their branches' channels (odd widths) and add Gather/Slice/Concat, which on ONNX Runtime CPU also "
-          "break the Conv+Add+ReLU fusion."
+          "8), so their latencies differ by noise only."
+          + (f" {l1rr_note}; its reconstructed adds hold the union of their branches' channels (odd widths) and add "
+             "Gather/Slice/Concat, which on ONNX Runtime CPU also break the Conv+Add+ReLU fusion." if has_l1rr else "")
           + f"\n\nMachine: {m['cpu']} ({m['cpu_count']} cores), {m['platform']}; torch {doc['versions'].get('torch')}, "
           f"onnxruntime {doc['versions'].get('onnxruntime')}; {doc['date']}; {doc['seconds']:.0f} s.\n\n"
           f"Command: `{doc['command']}`\n")
-    atomic_write_bytes(results / f"pruning_{tag}.md", md.encode())
+    atomic_write_bytes(results / f"{name}.md", md.encode())
     print("\n" + "\n".join(lines))
-    print(f"\nresults: {results / f'pruning_{tag}.json'} and .md")
+    print(f"\nresults: {results / f'{name}.json'} and .md")
     return 0
 
 

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.35,
                    help="channels removed per layer over all steps (0.35 removes about 55 %% of the parameters)")
     p.add_argument("--taylor-batches", type=int, default=2, help="batches each Taylor step scores on")
+    p.add_argument("--step-batches", type=int, default=0,
+                   help="training batches fine-tuned between Taylor steps (MATLAB's loop the paper follows "
+                        "updates a few mini-batches per iteration); 0: score-and-remove only, retraining at the end")
     p.add_argument("--batch-size", type=int, default=8, help="windows per step (the paper: 8)")
     p.add_argument("--max-drop", type=float, default=1.0, help="INT8 Q/DQ guard budget in mIoU points")
     p.add_argument("--calib-size", type=int, default=32, help="calibration tiles (a few windows each)")
@@ -94,13 +97,15 @@ def models(args, data: Path, work: Path) -> dict[str, Path]:
     log(f"baseline {args.model}: {args.epochs} epochs")
     train_run(data, args.model, base, img_size=args.img_size, overlap=args.overlap, val=0.1, test=0.2,
               cfg=train_config(args, args.epochs, False), resume=True, log=log)
-    pruned = work / f"taylor_r{args.ratio:g}_s{args.steps}"
+    pruned = work / (f"taylor_r{args.ratio:g}_s{args.steps}" + (f"_b{args.step_batches}" if args.step_batches else ""))
     if not (pruned / "record.json").is_file():
         log(f"P: Taylor pruning, ratio {args.ratio}, {args.steps} steps")
         prune_run(base / "model.safetensors", pruned, method="taylor", ratio=args.ratio, steps=args.steps,
-                  step_epochs=0, taylor_batches=args.taylor_batches, batch_size=args.batch_size, data=data,
+                  step_epochs=0, step_batches=args.step_batches, taylor_batches=args.taylor_batches,
+                  batch_size=args.batch_size, data=data,
                   workers=args.workers, seed=args.seed, exist_ok=True, log=log)
-    retrained = work / f"retrained_r{args.ratio:g}_s{args.steps}_e{args.ft_epochs}"
+    retrained = work / (f"retrained_r{args.ratio:g}_s{args.steps}_e{args.ft_epochs}"
+                        + (f"_b{args.step_batches}" if args.step_batches else ""))
     log(f"P: retraining {args.ft_epochs} epochs")
     finetune_run(pruned / "model.safetensors", data, retrained, cfg=train_config(args, args.ft_epochs, True),
                  resume=True, log=log)

@@ -52,10 +52,13 @@ def cmd_prune(args) -> int:
         method=args.method, ratio=ratio, threshold=args.threshold, target_lfa=target_lfa,
         target_macs=args.target_macs, target_params=args.target_params, global_pruning=args.global_pruning,
         round_to=args.round_to, min_channels=args.min_channels, max_ratio=args.max_ratio, exclude=args.exclude or (),
+        prune_linear=args.prune_linear,
         coupling=args.coupling, compensate_bias=args.compensate, steps=args.steps, step_epochs=args.step_epochs,
-        step_lr=args.step_lr, data=args.data, taylor_batches=args.taylor_batches, cap_epochs=args.cap_epochs,
-        cap_samples=args.cap_samples, cap_lr=args.cap_lr, cap_train_model=args.cap_train_model,
-        lfa_images=args.lfa_images, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+        step_batches=args.step_batches, step_lr=args.step_lr, data=args.data, taylor_batches=args.taylor_batches,
+        cap_epochs=args.cap_epochs, cap_samples=args.cap_samples, cap_lr=args.cap_lr,
+        cap_train_model=not args.cap_probes_only,
+        lfa_images=args.lfa_images, lfa_tolerance=args.lfa_tolerance, batch_size=args.batch_size,
+        workers=args.workers, seed=args.seed,
         device=args.device, fraction=args.fraction, progress=not args.quiet, exist_ok=args.exist_ok)
     prune_run(args.model, args.out, options)
     print(f"pruned model written to {os.path.join(args.out, 'model.safetensors')}")
@@ -67,8 +70,8 @@ def cmd_sparse_train(args) -> int:
 
     options = SparseOptions(method=args.method, cfg=train_config(args), sr=args.sr, theta=args.theta,
                             lambda_a=args.lambda_a, eps=args.eps, phase_epochs=args.phase_epochs,
-                            threshold=args.sparse_threshold, resume=args.resume, exist_ok=args.exist_ok,
-                            progress=not args.quiet)
+                            threshold=args.sparse_threshold, from_scratch=args.from_scratch, resume=args.resume,
+                            exist_ok=args.exist_ok, progress=not args.quiet)
     sparse_train_run(args.model, args.data, args.out, options)
     print(f"sparse-trained model written to {os.path.join(args.out, 'model.safetensors')}")
     return 0
@@ -122,6 +125,9 @@ def add_prune_parser(sub, formatter: type) -> None:
                         help="never remove more than this fraction of a layer's channels")
     shapes.add_argument("--exclude", nargs="+", metavar="LAYER",
                         help="layer names or patterns (fnmatch, e.g. 'layer4.*') whose channels are kept")
+    shapes.add_argument("--prune-linear", action="store_true",
+                        help="also prune the outputs of hidden fully connected layers (VGG's 4096-wide classifier); "
+                        "by default only convolutions are pruned, as RemoteTrimmer and network slimming do")
     shapes.add_argument("--coupling", choices=("shared", "reconstruct"), default="shared",
                         help="channels coupled by residual adds: one kept set per group (shared) or one per "
                         "branch with the add rewritten (reconstruct, L1RR)")
@@ -140,17 +146,26 @@ def _add_prune_schedule_and_data(pr) -> None:
     sched.add_argument("--step-epochs", type=int, default=1,
                        help="fine-tuning epochs between steps; 0: none (seed 002's schedule: --steps 60 "
                        "--step-epochs 0, then `rsedge finetune`)")
+    sched.add_argument("--step-batches", type=int, default=0,
+                       help="fine-tune this many training batches between steps instead of --step-epochs epochs "
+                       "(seed 002's loop: a few mini-batches per pruning iteration); 0: use --step-epochs")
     sched.add_argument("--step-lr", type=float, default=0.01, help="SGD learning rate between steps")
     crit = pr.add_argument_group("data-driven criteria")
     crit.add_argument("--data", help="training data folder: read by taylor, cap, --target-lfa, --steps; "
                       "also the validation accuracy right after pruning")
     crit.add_argument("--taylor-batches", type=int, default=16, help="taylor: training batches to average over")
-    crit.add_argument("--cap-epochs", type=int, default=1, help="cap: probe training epochs")
+    crit.add_argument("--cap-epochs", type=int, default=2,
+                      help="cap: epochs the SE-augmented network trains (all its weights, as the paper; the "
+                      "attention is folded into the BatchNorms after)")
     crit.add_argument("--cap-samples", type=int, default=256, help="cap: images s_bar is averaged over")
-    crit.add_argument("--cap-lr", type=float, default=1e-3, help="cap: probe learning rate (Adam)")
-    crit.add_argument("--cap-train-model", action="store_true",
-                      help="cap: train the network with its probes (the attention is folded into BN after)")
+    crit.add_argument("--cap-lr", type=float, default=1e-3, help="cap: learning rate of the SE network (Adam)")
+    crit.add_argument("--cap-probes-only", action="store_true",
+                      help="cap: train only the probes, the network frozen (cheaper; on a trained network the "
+                      "attention then barely separates channels)")
     crit.add_argument("--lfa-images", type=int, default=64, help="--target-lfa: validation images used")
+    crit.add_argument("--lfa-tolerance", type=float, default=0.25,
+                      help="--target-lfa: a threshold passes when |L_FA| <= target x (1 + this), on either side "
+                      "(L1RR accepts 'around 1 %%' and chose 1.14 %%)")
     crit.add_argument("--batch-size", type=int, default=64, help="images per batch")
     crit.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                       help="data-loading worker processes")
@@ -177,6 +192,11 @@ def add_sparse_train_parser(sub, formatter: type, add_training_options: Callable
                    help="l1rr: epochs per phase t (alpha and lambda refreshed at each phase); "
                    "default: epochs/10 rounded up (at most 10 phases)")
     s.add_argument("--sparse-threshold", type=float, default=0.01, help="|gamma| below this counts as sparse")
+    s.add_argument("--from-scratch", action="store_true",
+                   help="the L1RR paper's protocol (seed 001): sparse-train from freshly initialized weights "
+                   "(seeded by --seed) instead of the model's trained ones; the model file supplies the "
+                   "architecture, classes, input size and split, its weights are discarded (an unpruned "
+                   "float model only). The paper then prunes without fine-tuning")
     add_training_options(s, epochs=20, sgd_lr=0.01)
     s.set_defaults(func=cmd_sparse_train)
 

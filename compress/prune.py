@@ -45,6 +45,13 @@ def excluded_layers(model: nn.Module, patterns: Sequence[str]) -> list[nn.Module
     return found
 
 
+def linear_layers(model: nn.Module, prune_linear: bool) -> list[nn.Module]:
+    """The fully connected layers kept whole: all of them unless `prune_linear` (RemoteTrimmer
+    and network slimming prune convolutions only; VGG16's hidden 4096-wide layers hold most of
+    its parameters, and the paper's 48.90 M after pruning keeps them)."""
+    return [] if prune_linear else [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
 def make_criterion(method: str, seed: int = 0) -> Criterion:
     if method not in METHODS:
         raise KeyError(f"unknown pruning method {method!r}; known: {', '.join(METHODS)}")
@@ -72,11 +79,13 @@ def prune_network(
     original: dict[str, int] | None = None,
     seed: int = 0,
     head: Sequence[str] | None = None,
+    prune_linear: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune `model`; returns the pruned model (the same object under shared coupling, a traced
     copy under reconstruction) and the report: per-layer table, counts before and after.
     `head`: the modules never pruned, by name; default: the head the model's spec declares (a
-    model made by `create_model`), never guessed."""
+    model made by `create_model`), never guessed. Linear layers keep their outputs unless
+    `prune_linear` (their inputs follow the convolutions before them)."""
     if coupling not in COUPLINGS:
         raise ValueError(f"--coupling must be one of {', '.join(COUPLINGS)}, not {coupling!r}")
     crit = criterion or make_criterion(method, seed)
@@ -89,7 +98,8 @@ def prune_network(
     example = torch.zeros(1, 3, *input_size, device=device)
     before_w = conv_widths(model)
     before = {"params": count_params(model), "macs": count_macs(model, input_size)}
-    ignored = head_modules(model, head) + list(ignored) + excluded_layers(model, exclude)
+    ignored = (head_modules(model, head) + list(ignored) + excluded_layers(model, exclude)
+               + linear_layers(model, prune_linear))
     plan = build_units(model, example, crit, ignored, coupling, original)
     gamma = score_distribution(plan, threshold) if threshold is not None else None
     select(plan, ratio=ratio, threshold=threshold, global_ranking=global_pruning, round_to=round_to,
@@ -113,6 +123,7 @@ def prune_network(
         "global": global_pruning,
         "coupling": coupling,
         "excluded": list(exclude),
+        "prune_linear": prune_linear,
         "before": before,
         "after": after,
         "params_ratio": after["params"] / before["params"],
@@ -224,12 +235,13 @@ def _taylor_criterion(model: nn.Module, data: _Data, o: PruneOptions, device, lo
 
 
 def _cap_criterion(model: nn.Module, data: _Data, o: PruneOptions, device, log) -> tuple[Criterion, dict[str, Any]]:
-    """RemoteTrimmer's channel attention: SE probes trained on the training data, s_bar
-    averaged over `o.cap_samples` images (folded into the BatchNorms with `cap_train_model`)."""
-    from .cap import channel_attention, fold_attention
+    """RemoteTrimmer's channel attention (`compress.cap`): the SE-augmented network trains
+    `o.cap_epochs` on the training data, s_bar is averaged over `o.cap_samples` images, the
+    scores s_bar * |gamma| are taken, then the attention is folded into the BatchNorms."""
+    from .cap import CapOptions, attention_batchnorms, channel_attention, fold_attention, overlap_with_gamma
     from .importance import ChannelAttention
 
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine]
+    bns = attention_batchnorms(model)
     samples = data.tensors(data.train_eval, o.cap_samples)[0]
     sample_batches = [(samples[i:i + data.batch_size],) for i in range(0, len(samples), data.batch_size)]
 
@@ -241,16 +253,21 @@ def _cap_criterion(model: nn.Module, data: _Data, o: PruneOptions, device, log) 
             self.epoch += 1
             return iter(data.loader(data.train, shuffle=True, epoch=self.epoch, train=o.cap_train_model))
 
-    s_bar, info = channel_attention(model, bns, _Epochs(), sample_batches, epochs=o.cap_epochs, lr=o.cap_lr,
-                                    train_model=o.cap_train_model, device=device, seed=data.seed,
-                                    progress=o.progress, loss=data.task.model_loss(data.meta))
+    cap = CapOptions(epochs=o.cap_epochs, lr=o.cap_lr, train_model=o.cap_train_model, seed=data.seed,
+                     progress=o.progress)
+    s_bar, info = channel_attention(model, bns, _Epochs(), sample_batches, cap, device=device,
+                                    loss=data.task.model_loss(data.meta))
     model.cpu()
-    crit = ChannelAttention({bn: s.cpu() for bn, s in s_bar.items()})
+    s_bar = {bn: s.cpu() for bn, s in s_bar.items()}
+    crit = ChannelAttention(s_bar)
+    info["jaccard_vs_bn_scale"] = overlap_with_gamma(s_bar, o.ratio if o.ratio is not None else 0.5)
     if o.cap_train_model:
         fold_attention(s_bar)
         info["folded_into_batchnorm"] = True
-    log(f"channel attention: {info['probes']} probes, mean s_bar {info['s_bar_mean']:.3f} "
-        f"(min {info['s_bar_min']:.3f}, max {info['s_bar_max']:.3f})")
+    log(f"channel attention: {info['probes']} probes ({info['probes_after_activation']} after an activation), "
+        f"s_bar mean {info['s_bar_mean']:.3f} (min {info['s_bar_min']:.3f}, max {info['s_bar_max']:.3f}), "
+        f"per-layer CV {info['s_bar_cv_mean']:.1%}; pruned set vs |gamma| alone: Jaccard "
+        f"{info['jaccard_vs_bn_scale']:.2f}")
     return crit, info
 
 
@@ -277,12 +294,13 @@ def _search_lfa(model: nn.Module, meta: dict[str, Any], crit: Criterion, data: _
     select_kw = {"round_to": o.round_to, "min_channels": o.min_channels, "max_ratio": o.max_ratio}
     crit.raw = True
     example = torch.zeros(1, 3, *meta["input_size"])
-    ign = head_modules(model, data.task.head(meta)) + excluded_layers(model, o.exclude)
+    ign = (head_modules(model, data.task.head(meta)) + excluded_layers(model, o.exclude)
+           + linear_layers(model, o.prune_linear))
     plan = build_units(model, example, crit, ign, coupling)
     images, targets = data.tensors(data.val if len(data.val) else data.train_eval, o.lfa_images)
     every = getattr(data.task, "lfa_every_head", False)
     head = data.task.head(meta) if every else None
-    fm = feature_model(model, every_head=every, head=head)
+    fm = feature_model(model, every_head=every, head=head, example=example)
     masks = data.task.target_regions(fm, images, targets)
     fa_sparse = feature_attention(fm, images, masks)
     scored = [u.scores for u in plan.units if u.scores is not None]
@@ -292,18 +310,21 @@ def _search_lfa(model: nn.Module, meta: dict[str, Any], crit: Criterion, data: _
 
     def evaluate(delta: float) -> tuple[float, float]:
         select(plan, threshold=delta, **select_kw)
-        fa = feature_attention(feature_model(masked_copy(model, plan), copy=False, every_head=every, head=head),
-                               images, masks)
+        fa = feature_attention(feature_model(masked_copy(model, plan), copy=False, every_head=every, head=head,
+                                             example=example), images, masks)
         return lfa(fa, fa_sparse), sum(len(u.prune) for u in plan.units) / total
 
-    log(f"searching the gamma threshold for |L_FA| <= {target:.2%} on {len(images)} images")
-    best, curve = search_threshold(torch.cat(scored), evaluate, target, log=log)
+    limit = target * (1 + o.lfa_tolerance)
+    log(f"searching the gamma threshold for |L_FA| <= {target:.2%} (+{o.lfa_tolerance:.0%}: {limit:.3%}) on "
+        f"{len(images)} images")
+    best, curve = search_threshold(torch.cat(scored), evaluate, target, log=log, tolerance=o.lfa_tolerance)
     if best is None:
-        raise ValueError(f"even the smallest gamma threshold loses more than {target:.2%} of the feature attention; "
+        raise ValueError(f"even the smallest gamma threshold changes the feature attention by more than {limit:.2%}; "
                          f"raise --target-lfa or prune by --ratio")
     chosen = next(r for r in curve if r["threshold"] == best)
     log(f"chosen threshold {best:.6g}: L_FA {chosen['lfa']:.4%}, {chosen['pruned_fraction']:.1%} of the channels")
-    return best, {"target": target, "images": len(images), "fa_sparse": fa_sparse, "chosen": chosen, "curve": curve}
+    return best, {"target": target, "tolerance": o.lfa_tolerance, "accepted_abs_lfa": limit, "images": len(images),
+                  "fa_sparse": fa_sparse, "chosen": chosen, "curve": curve}
 
 
 MAX_SEARCH_RATIO = 0.99
@@ -381,18 +402,21 @@ class PruneOptions:
     min_channels: int = 8
     max_ratio: float = 1.0
     exclude: Sequence[str] = ()
+    prune_linear: bool = False  # also the hidden fully connected layers' outputs (VGG's classifier)
     coupling: str = "shared"
     compensate_bias: bool = False
     steps: int = 1
     step_epochs: int = 1
+    step_batches: int = 0  # > 0: fine-tune this many batches between steps instead of step_epochs epochs
     step_lr: float = 0.01
     data: str | Path | None = None  # the training data folder the data-driven parts read
     taylor_batches: int = 16
-    cap_epochs: int = 1
+    cap_epochs: int = 2  # the SE-augmented network's training epochs
     cap_samples: int = 256
     cap_lr: float = 1e-3
-    cap_train_model: bool = False
+    cap_train_model: bool = True  # False: only the probes train, on the frozen network
     lfa_images: int = 64
+    lfa_tolerance: float = 0.25  # --target-lfa accepts |L_FA| <= target * (1 + this): "around" the target
     batch_size: int = 64
     workers: int = 1
     seed: int = 0
@@ -408,6 +432,10 @@ class PruneOptions:
     @property
     def budget(self) -> bool:
         return self.target_macs is not None or self.target_params is not None
+
+    @property
+    def fine_tunes_between_steps(self) -> bool:
+        return self.step_batches > 0 or self.step_epochs > 0
 
     @property
     def thresholded(self) -> bool:
@@ -438,6 +466,8 @@ class PruneOptions:
             raise ValueError("--steps must be at least 1")
         if o.step_epochs < 0:
             raise ValueError("--step-epochs must be 0 (no fine-tuning between steps, as seed 002) or more")
+        if o.step_batches < 0:
+            raise ValueError("--step-batches must be 0 (use --step-epochs) or more")
         if o.steps > 1 and ((o.ratio is None and not o.budget) or o.coupling != "shared"):
             raise ValueError("--steps > 1 needs --ratio (or a --target-*) and --coupling shared")
         return o
@@ -446,7 +476,8 @@ class PruneOptions:
         if self.data is not None:
             return
         why = (f"--method {self.method}" if self.spec.data else "--target-lfa" if self.target_lfa is not None
-               else "--steps > 1 (fine-tuning between steps)" if self.steps > 1 and self.step_epochs > 0 else None)
+               else "--steps > 1 (fine-tuning between steps)" if self.steps > 1 and self.fine_tunes_between_steps
+               else None)
         if why is not None:
             raise ValueError(f"{why} needs --data DIR: the training data folder (its training split is read)")
 
@@ -454,22 +485,26 @@ class PruneOptions:
         """`prune_network`'s settings that stay the same over the steps and the searches."""
         return {"method": self.method, "round_to": self.round_to, "global_pruning": self.global_pruning,
                 "min_channels": self.min_channels, "max_ratio": self.max_ratio, "exclude": self.exclude,
-                "coupling": self.coupling, "seed": self.seed}
+                "coupling": self.coupling, "seed": self.seed, "prune_linear": self.prune_linear}
 
     def parameters(self, ratio: float | None, threshold: float | None) -> dict[str, Any]:
         """The record's parameters: the common ones, then those of the method and the schedule."""
         p = {"method": self.method, "ratio": ratio, "threshold": threshold, "target_lfa": self.target_lfa,
              "round_to": self.round_to, "min_channels": self.min_channels, "max_ratio": self.max_ratio,
              "global": self.global_pruning, "coupling": self.coupling, "exclude": list(self.exclude),
+             "prune_linear": self.prune_linear,
              "compensate": self.compensate_bias, "steps": self.steps, "seed": self.seed,
              "target_macs": self.target_macs, "target_params": self.target_params, "fraction": self.fraction}
+        if self.target_lfa is not None:
+            p["lfa_tolerance"] = self.lfa_tolerance
         if self.method == "taylor":
             p["taylor_batches"] = self.taylor_batches
         if self.method == "cap":
             p.update({"cap_epochs": self.cap_epochs, "cap_samples": self.cap_samples, "cap_lr": self.cap_lr,
                       "cap_train_model": self.cap_train_model})
         if self.steps > 1:
-            p.update({"step_epochs": self.step_epochs, "step_lr": self.step_lr})
+            between = {"step_batches": self.step_batches} if self.step_batches else {"step_epochs": self.step_epochs}
+            p.update({**between, "step_lr": self.step_lr})
         return p
 
 
@@ -527,7 +562,9 @@ class _Pruning:
         comp_inputs = self.compensation_inputs()
         for k in range(1, o.steps + 1):
             report = self.step(k, comp_inputs if k == o.steps else None)
-            if k < o.steps and o.step_epochs > 0:  # 0: the paper's schedule, retraining only at the end
+            if k < o.steps and o.step_batches > 0:
+                self.finetune_batches(k)
+            elif k < o.steps and o.step_epochs > 0:  # 0: seed 002's schedule, retraining only at the end
                 self.finetune(k)
         return report
 
@@ -566,6 +603,34 @@ class _Pruning:
         (self.out / f"step{k}" / "checkpoint.safetensors").unlink(missing_ok=True)
         self.steps[-1]["finetune"] = hist
         self.model.cpu()
+
+    def finetune_batches(self, k: int) -> None:
+        """`step_batches` SGD steps at `step_lr` on training batches (drawn anew for every step,
+        seeded by step), with the task's loss: a pruning loop of many short recoveries."""
+        from rsedge.trainer.train import to_device
+
+        o, ds, model = self.o, self.data, self.model.to(self.device)
+        loss_fn = ds.task.model_loss(self.meta)
+        opt = torch.optim.SGD(model.parameters(), lr=o.step_lr, momentum=0.9)
+        model.train()
+        losses, done = [], 0
+        while done < o.step_batches:
+            start = done
+            for x, y in ds.loader(ds.train, shuffle=True, epoch=k * 1000 + done, train=True):
+                x, y = to_device(x, self.device), to_device(y, self.device)
+                value = loss_fn(model(x), y, x)
+                if torch.isfinite(value):
+                    opt.zero_grad(set_to_none=True)
+                    value.backward()
+                    opt.step()
+                    losses.append(value.item())
+                done += 1
+                if done >= o.step_batches:
+                    break
+            if done == start:
+                raise ValueError("--step-batches: the training split gives no batch (too few images for a batch of 2?)")
+        model.eval().cpu()
+        self.steps[-1]["finetune"] = {"batches": done, "mean_loss": sum(losses) / len(losses) if losses else None}
 
     def report(self, report: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
         """The last step's report over the whole run: counts and per-layer widths against the

@@ -141,6 +141,7 @@ class SparseOptions:
     eps: float = 1e-2  # l1rr: epsilon in alpha = 1/(|gamma| + eps)
     phase_epochs: int | None = None  # l1rr: epochs per phase; default epochs/10 rounded up
     threshold: float = 0.01  # |gamma| below this counts as sparse
+    from_scratch: bool = False  # seed 001's protocol: the file's architecture, freshly initialized
     resume: bool = False
     exist_ok: bool = False
     progress: bool = True
@@ -151,7 +152,8 @@ class SparseOptions:
         return {"method": self.method, "sr": self.sr if self.method == "slimming" else None,
                 "theta": self.theta if l1rr else None, "lambda_a": self.lambda_a if l1rr else None,
                 "eps": self.eps if l1rr else None, "phase_epochs": phase_epochs if l1rr else None,
-                "phases": n_phases if l1rr else None, "threshold": self.threshold}
+                "phases": n_phases if l1rr else None, "threshold": self.threshold,
+                "from_scratch": self.from_scratch}
 
 
 def sparse_train_run(model_file: str | Path, data: str | Path, out: str | Path, options: SparseOptions | None = None,
@@ -159,8 +161,7 @@ def sparse_train_run(model_file: str | Path, data: str | Path, out: str | Path, 
     """The `sparse-train` stage: train on the model's split with the sparsity penalty, record the
     sparsity per phase (l1rr) or per epoch (slimming). A run already in `out` is refused unless
     `resume` or `exist_ok`; `fields` replace those of `options`."""
-    from rsedge.compress.msb_fixed import check_not_quantized
-    from rsedge.trainer.modelfile import derive_meta, load_model
+    from rsedge.trainer.modelfile import derive_meta
     from rsedge.trainer.stage import TRAINING_OUTPUTS, Stage, build_options
     from rsedge.trainer.train import TrainConfig
 
@@ -178,10 +179,7 @@ def sparse_train_run(model_file: str | Path, data: str | Path, out: str | Path, 
     done = stage.finished("sparse training already finished")
     if done is not None:
         return done
-    model, meta = load_model(model_file)
-    check_not_quantized(meta, "sparse-train")
-    if meta.get("layout", {}).get("graph"):
-        raise ValueError("this model was pruned with --coupling reconstruct; sparse-train the unpruned model")
+    model, meta = _starting_model(model_file, o.from_scratch, cfg.seed, log)
     d = stage.data(stage.model_split(meta, data, cfg.seed), meta, cfg)
     reg, on_epoch_start = _regularizer(model, o, phase_epochs, n_phases, stage, log)
     params = o.parameters(phase_epochs, n_phases)
@@ -193,7 +191,8 @@ def sparse_train_run(model_file: str | Path, data: str | Path, out: str | Path, 
     reg._bind(model)
     final_sparsity = reg.summary()
     log(f"final model sparsity (|gamma| < {o.threshold}): {final_sparsity['rho']:.3f}")
-    test = stage.conclude(model, d, cfg, new_meta, history, f"{meta['arch']} sparse-trained ({o.method})",
+    how = f"{o.method}, from scratch" if o.from_scratch else o.method
+    test = stage.conclude(model, d, cfg, new_meta, history, f"{meta['arch']} sparse-trained ({how})",
                           bn_sparsity=final_sparsity["rho"])
     return stage.record({
         "inputs": {"model": str(Path(model_file).resolve()), "data": d.split["root"]},
@@ -205,6 +204,49 @@ def sparse_train_run(model_file: str | Path, data: str | Path, out: str | Path, 
         "test": test,
         "outputs": dict(TRAINING_OUTPUTS),
     })
+
+
+def _starting_model(model_file: str | Path, from_scratch: bool, seed: int, log: Callable[[str], None]
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """The model sparse training starts from: the file's trained weights, or with `from_scratch`
+    (seed 001 sparse-trains from scratch) its architecture initialized afresh as `rsedge train
+    --seed` initializes it, the file supplying only the architecture, classes, input size and split."""
+    from rsedge.compress.msb_fixed import check_not_quantized
+    from rsedge.trainer.modelfile import load_model, read_metadata
+
+    if not from_scratch:
+        model, meta = load_model(model_file)
+        check_not_quantized(meta, "sparse-train")
+        if meta.get("layout", {}).get("graph"):
+            raise ValueError("this model was pruned with --coupling reconstruct; sparse-train the unpruned model")
+        return model, meta
+    meta = read_metadata(model_file)
+    _check_unpruned_float(meta, model_file)
+    log(f"--from-scratch: {meta['arch']} initialized afresh (seed {seed}); the weights of {model_file} are not used")
+    return fresh_model(meta, seed), meta
+
+
+def _check_unpruned_float(meta: dict[str, Any], model_file: str | Path) -> None:
+    """Only the unpruned float architecture can start from scratch: a pruned layout is the
+    product of a trained model's gammas, and a fresh copy of it would not be the paper's model."""
+    quant = meta.get("quantization")
+    if quant:
+        raise ValueError(f"--from-scratch needs an unpruned float model, but {model_file} is quantized "
+                         f"({quant.get('bits')}-bit {quant.get('scheme')}): give the model it was made from")
+    layout = meta.get("layout") or {}
+    if any(layout.get(k) for k in ("layers", "tensors", "graph")):
+        raise ValueError(f"--from-scratch needs an unpruned architecture, but {model_file} is pruned "
+                         f"({len(layout.get('layers') or {})} layer(s) reshaped): give the model it was pruned from")
+
+
+def fresh_model(meta: dict[str, Any], seed: int) -> nn.Module:
+    """The file's architecture with the initial weights `rsedge train --seed seed` gives it
+    (train seeds torch, then builds); the global RNG is left as it was."""
+    from rsedge.trainer.modelfile import _fresh
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _fresh(meta)
 
 
 def _regularizer(model: nn.Module, o: SparseOptions, phase_epochs: int, n_phases: int, stage,

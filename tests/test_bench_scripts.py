@@ -94,3 +94,30 @@ def test_bench_device_refuses_out_and_commit_results_together(tmp_path):
     proc = subprocess.run(["bash", str(BENCH / "bench_device.sh"), str(tmp_path / "b"), "--out", str(tmp_path),
                            "--commit-results"], env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "not both" in proc.stderr
+
+
+def test_remotetrimmer_rows_are_seed_means_with_spread_and_final_epoch_numbers(monkeypatch):
+    rt = load("reproduce_remotetrimmer.py", monkeypatch)
+    base = [{"test_top1": 0.80, "params": 11_000_000, "macs": 1e8}, {"test_top1": 0.84, "params": 11_000_000,
+                                                                     "macs": 1e8}]
+    cap = [{"test_top1": 0.78, "test_top1_after_prune": 0.30, "params": 1e6, "macs": 1e7, "ft_epochs": 20,
+            "criterion": {"probes": 17, "epochs": 2, "s_bar_mean": 0.5, "s_bar_cv_mean": 0.2,
+                          "jaccard_vs_bn_scale": 0.4}},
+           {"test_top1": 0.82, "test_top1_after_prune": 0.40, "params": 1e6, "macs": 1e7, "ft_epochs": 20}]
+    rows = rt.aggregate({"baseline": base, "cap+aml": cap}, [0.80, 0.84])
+    row = rows[1]
+    assert row["method"] == "cap+aml" and row["test_top1"] == row["test_top1_mean"] == pytest.approx(0.80)
+    assert row["test_top1_std"] == pytest.approx(0.0282843, rel=1e-4) and row["test_top1_per_seed"] == [0.78, 0.82]
+    assert row["delta_vs_baseline"] == pytest.approx(-0.02) and row["test_top1_after_prune_mean"] == pytest.approx(0.35)
+    for r in rows:
+        r["paper"] = rt.PAPER["resnet18"].get(r["method"], {})
+    doc = {"rows": rows, "settings": {"model": "resnet18", "ratio": 0.7, "img_size": 64, "seeds": [0, 1],
+                                      "baseline_epochs": 12, "ft_epochs": 20, "cap_epochs": 2, "benchmark": None},
+           "split": {"seed": 0, "train": 2000, "val": 500, "test": 5400, "train_per_class": 200, "val_per_class": 50},
+           "protocol": "fair", "cap_aml_within_half_point_of_baseline": False, "cap_vs_bn_scale_after_prune": None,
+           "command": "python x", "date": "d", "seconds": 1.0, "machine": {"cpu": "c", "platform": "p",
+                                                                          "gpu_for_training": None},
+           "versions": {"torch": "t"}}
+    md = rt.markdown(doc, "stem")
+    assert "0.8000 ± 0.0283" in md and "| +0.052 |" in md  # ours beside the paper's +5.2 points
+    assert "2 SE + 20" in md and "within 0.5 points of the baseline: NO" in md

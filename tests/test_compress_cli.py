@@ -47,7 +47,9 @@ def test_l1rr_path_through_finetune_export_and_bench(tmp_path, synth_data, train
                  "--coupling", "reconstruct", "--compensate", "--lfa-images", "16", "--data", str(synth_data),
                  "--out", str(pruned), "--workers", "0", "--quiet"]) == 0
     rec = json.loads((pruned / "record.json").read_text())
-    assert rec["coupling"] == "reconstruct" and rec["feature_attention"]["chosen"]["lfa"] <= 0.05
+    fa = rec["feature_attention"]
+    assert rec["coupling"] == "reconstruct" and abs(fa["chosen"]["lfa"]) <= 0.05 * 1.25 == fa["accepted_abs_lfa"]
+    assert fa["tolerance"] == 0.25 and rec["parameters"]["lfa_tolerance"] == 0.25
     assert rec["compensation"] is not None and rec["parameters"]["target_lfa"] == 0.05
     assert main(["finetune", "--model", str(pruned / "model.safetensors"), "--data", str(synth_data),
                  "--epochs", "1", "--workers", "0", "--out", str(ft), "--quiet", "--loss", "aml",

@@ -91,7 +91,7 @@ def test_taylor_needs_eval_mode_because_batchnorm_cancels_it_in_training():
 
 
 def test_cap_score_is_mean_probe_attention_times_abs_gamma():
-    from rsedge.compress.cap import SEProbe, channel_attention
+    from rsedge.compress.cap import CapOptions, SEProbe, channel_attention
 
     m = _tiny()
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -104,36 +104,38 @@ def test_cap_score_is_mean_probe_attention_times_abs_gamma():
     samples = torch.randn(10, 3, 8, 8)
     x_check = torch.randn(2, 3, 8, 8)
     out_before = m(x_check).detach()
-    s_bar, info = channel_attention(m, [m.bn1, m.bn2], [], [(samples[:6],), (samples[6:],)], epochs=0, probes=probes)
-    # direct: the probe after bn1 sees bn1's output; the one after bn2 sees bn2's output of the
-    # network *with* the first probe applied
+    s_bar, info = channel_attention(m, [m.bn1, m.bn2], [], [(samples[:6],), (samples[6:],)],
+                                    CapOptions(epochs=0), probes=probes)
+    # direct: each probe reads its BatchNorm's output after the ReLU that follows it and scales the
+    # BatchNorm's output; the probe after bn2 sees the network *with* the first probe applied
     with torch.no_grad():
         a1 = m.bn1(m.conv1(samples))
-        s1 = probes[m.bn1](a1)
+        s1 = probes[m.bn1](torch.relu(a1))
         x = torch.relu(a1 * s1[:, :, None, None])
-        s2 = probes[m.bn2](m.bn2(m.conv2(x)))
+        s2 = probes[m.bn2](torch.relu(m.bn2(m.conv2(x))))
     assert torch.allclose(s_bar[m.bn1], s1.mean(0), atol=1e-6)
     assert torch.allclose(s_bar[m.bn2], s2.mean(0), atol=1e-6)
     scores = ChannelAttention(s_bar)(_group(m, m.conv2))
     assert torch.allclose(scores, _by_mean(s2.mean(0) * m.bn2.weight.abs()), atol=1e-5)
-    # the probes are gone and the network is untouched
+    # the probes are gone and, with no epoch trained, the network is untouched
     assert torch.equal(m(x_check).detach(), out_before)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
-    assert info["probes"] == 2 and info["samples"] == 10
+    assert info["probes"] == 2 and info["samples"] == 10 and info["probes_after_activation"] == 2
 
 
-def test_cap_probe_training_moves_attention_but_not_the_frozen_network():
-    from rsedge.compress.cap import channel_attention
+def test_cap_probes_only_moves_attention_but_not_the_frozen_network():
+    from rsedge.compress.cap import CapOptions, channel_attention
 
     m = _tiny()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
-    s0, _ = channel_attention(m, [m.bn1, m.bn2], batches, [(batches[0][0],)], epochs=0, seed=1)
-    s1, info = channel_attention(m, [m.bn1, m.bn2], batches, [(batches[0][0],)], epochs=3, lr=1e-2, seed=1)
+    s0, _ = channel_attention(m, [m.bn1, m.bn2], batches, [(batches[0][0],)], CapOptions(epochs=0, seed=1))
+    s1, info = channel_attention(m, [m.bn1, m.bn2], batches, [(batches[0][0],)],
+                                 CapOptions(epochs=3, lr=1e-2, seed=1, train_model=False))
     assert not torch.allclose(s0[m.bn2], s1[m.bn2])
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
-    assert info["final_loss"] is not None
+    assert info["final_loss"] is not None and info["train_model"] is False
 
 
 def test_group_magnitude_equals_the_group_l2_definition():

@@ -3,7 +3,6 @@
 
 import json
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -117,13 +116,13 @@ def test_colors_to_index_ignores_unlabelled_and_unknown(cmap):
     assert index[0, 2] == 7
 
 
-def test_colors_to_index_is_vectorized(cmap):
+def test_colors_to_index_on_a_whole_tile(cmap):
+    """A 2000x2000 tile, the size of the largest Dubai tiles (tests never assert timings: a
+    per-pixel loop would make this test take minutes, which the suite's duration shows)."""
     rng = np.random.default_rng(0)
     palette = np.array(COLORS + [(155, 155, 155), (0, 0, 0)], np.uint8)
     labels = rng.integers(0, 5, (2000, 2000))
-    start = time.perf_counter()
     index, ignored = colors_to_index(palette[labels], cmap)
-    assert time.perf_counter() - start < 5.0  # about 0.15 s; a per-pixel loop takes minutes
     assert np.array_equal(index, np.where(labels < 3, labels, 255))
     assert ignored == int(np.count_nonzero(labels >= 3))
 

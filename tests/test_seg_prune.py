@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_seg_models import export_simplified, ort_outputs, randomized, shape_chains
 from torch import nn
 
-from rsedge.compress.cap import channel_attention
+from rsedge.compress.cap import CapOptions, channel_attention
 from rsedge.compress.importance import ChannelAttention, Taylor, get_criterion
 from rsedge.compress.plan import build_units, select
 from rsedge.compress.prune import PruneOptions, _search_lfa, prune_network
@@ -47,7 +47,8 @@ def criterion(method, model):
         return Taylor(taylor_scores(model, batches(), loss=seg_loss))
     if method == "cap":
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        s_bar, _ = channel_attention(model, bns, batches(), [(x,) for x, _ in batches(1, seed=9)], loss=seg_loss)
+        s_bar, _ = channel_attention(model, bns, batches(), [(x,) for x, _ in batches(1, seed=9)],
+                                     CapOptions(epochs=1, train_model=False), loss=seg_loss)
         return ChannelAttention(s_bar)
     return get_criterion(method, seed=3) if method == "random" else get_criterion(method)
 
@@ -132,7 +133,7 @@ def test_cap_probes_learn_from_masks_and_skip_unlabelled_batches():
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     x, y = batches(1)[0]
     train = [(x, torch.full_like(y, IGNORE)), (x, y)]
-    s_bar, info = channel_attention(model, bns, train, [(x,)], epochs=2, lr=1e-2, loss=seg_loss)
+    s_bar, info = channel_attention(model, bns, train, [(x,)], CapOptions(epochs=2, lr=1e-2), loss=seg_loss)
     assert set(s_bar) == set(bns) and all(torch.isfinite(s).all() for s in s_bar.values())
     assert np.isfinite(info["final_loss"]) and 0 < info["s_bar_min"] < info["s_bar_max"] < 1
 

@@ -135,12 +135,13 @@ def test_taylor_differentiates_the_task_loss():
 
 
 def test_cap_probes_learn_from_the_task_loss(counting):
-    from rsedge.compress.cap import channel_attention
+    from rsedge.compress.cap import CapOptions, channel_attention
 
     torch.manual_seed(0)
     m = Tiny().eval()
     batches = _batches(4)
-    _, info = channel_attention(m, [m.bn1, m.bn2], batches, [(batches[0][0],)], epochs=2, loss=counting.loss)
+    _, info = channel_attention(m, [m.bn1, m.bn2], batches, [(batches[0][0],)], CapOptions(epochs=2),
+                                loss=counting.loss)
     assert counting.calls == 8 and info["final_loss"] is not None
 
 
