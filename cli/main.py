@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .compress_cmds import add_compress_parsers
+from .coreset_cmd import add_coreset_parser
 from .options import Formatter as _Formatter
 from .options import add_fraction_option as _add_fraction_option
 from .options import add_training_options as _add_training_options
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_parsers(sub)
     add_compress_parsers(sub, _Formatter, _add_training_options)
     add_quantize_parser(sub, _Formatter)
+    add_coreset_parser(sub, _Formatter)
     _add_export_parsers(sub)
     _add_tool_parsers(sub)
     return p

@@ -4,7 +4,8 @@ import torch
 from rsedge.trainer.models import REGISTRY, create_model, get_spec, list_models
 
 REQUIRED = {"resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_small",
-            "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b3", "convnext_tiny"}
+            "mobilenet_v3_large", "efficientnet_b0", "efficientnet_b3", "convnext_tiny",
+            "swin_t", "efficientnet_v2_s", "regnet_y_3_2gf"}  # the last three: seed 003's backbones
 
 
 def test_registry_has_the_required_architectures():
@@ -50,7 +51,8 @@ def test_initial_weights_load_except_the_resized_head(tmp_path):
 DECLARED_HEADS = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "vgg16_bn": "classifier.6",
                   "mobilenet_v2": "classifier.1", "mobilenet_v3_small": "classifier.3",
                   "mobilenet_v3_large": "classifier.3", "efficientnet_b0": "classifier.1",
-                  "efficientnet_b3": "classifier.1", "convnext_tiny": "classifier.2"}
+                  "efficientnet_b3": "classifier.1", "convnext_tiny": "classifier.2", "swin_t": "head",
+                  "efficientnet_v2_s": "classifier.1", "regnet_y_3_2gf": "fc"}
 
 
 @pytest.mark.parametrize("name", sorted(DECLARED_HEADS))
@@ -72,13 +74,14 @@ def test_each_spec_declares_its_head_and_defaults(name):
 
 def test_a_hidden_layer_with_num_classes_outputs_stays_prunable():
     """mobilenet_v3_small's hidden classifier.0 has 1024 outputs: with 1024 classes, a head
-    guessed from `out_features == num_classes` would freeze it; the declared head does not."""
+    guessed from `out_features == num_classes` would freeze it; the declared head does not (with
+    --prune-linear: fully connected layers are kept by default)."""
     from rsedge.compress.prune import prune_network
 
     torch.manual_seed(0)
     model = create_model("mobilenet_v3_small", 1024).eval()
     assert model.classifier[0].out_features == model.classifier[3].out_features == 1024
-    pruned, _ = prune_network(model, [32, 32], "l1", 0.5)
+    pruned, _ = prune_network(model, [32, 32], "l1", 0.5, prune_linear=True)
     assert pruned.classifier[0].out_features == 512
     assert pruned.classifier[3].out_features == 1024
     assert pruned(torch.randn(1, 3, 32, 32)).shape == (1, 1024)

@@ -131,9 +131,32 @@ _TORCHVISION_HEADS = {
     "efficientnet_b0": "classifier.1",
     "efficientnet_b3": "classifier.1",
     "convnext_tiny": "classifier.2",
+    # the seed-003 backbones (coresets and compression); regnet_y_3_2gf is below
+    "swin_t": "head",
+    "efficientnet_v2_s": "classifier.1",
 }
 for _name, _head in _TORCHVISION_HEADS.items():
     register_model(ModelSpec(_name, "classification", torchvision_classifier(_name, _head), head=(_head,)))
+
+
+def regnet_y_3_2gf(num_classes: int, **args: Any) -> nn.Module:
+    """torchvision's `regnet_y_3_2gf` (no weights), its head `fc` resized. torchvision's builder
+    computes the block widths with tensors, which fails on the meta device where `rsedge models`
+    counts MACs; here they are computed on the CPU (same constants) and the network is built as
+    torchvision builds it, so its state dict loads torchvision's weights."""
+    from functools import partial
+
+    from torchvision.models.regnet import BlockParams, RegNet
+
+    with torch.device("cpu"):
+        params = BlockParams.from_init_params(depth=21, w_0=80, w_a=42.63, w_m=2.66, group_width=24, se_ratio=0.25)
+    args.setdefault("norm_layer", partial(nn.BatchNorm2d, eps=1e-05, momentum=0.1))
+    model = RegNet(params, **args)
+    _replace_linear(model, "fc", num_classes)
+    return model
+
+
+register_model(ModelSpec("regnet_y_3_2gf", "classification", regnet_y_3_2gf, head=("fc",)))
 
 
 def create_model(name: str, num_classes: int, weights: str | os.PathLike | None = None,
