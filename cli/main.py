@@ -19,6 +19,7 @@ from .options import Formatter as _Formatter
 from .options import add_fraction_option as _add_fraction_option
 from .options import add_training_options as _add_training_options
 from .options import train_config as _train_config
+from .pack_cmd import add_pack_parser
 from .quantize_cmd import add_quantize_parser
 
 EPILOG = """\
@@ -237,7 +238,7 @@ def cmd_bundle(args) -> int:
     bundle_run(args.model, args.out, BundleOptions(
         data=args.data, calib_size=args.calib_size, calib_method=args.calib_method, eval_size=args.eval_size,
         max_drop=None if args.max_drop < 0 else args.max_drop, opset=args.opset, dynamic_batch=not args.static_batch,
-        tar=args.tar, fraction=args.fraction))
+        tar=args.tar, fraction=args.fraction, pack=args.pack))
     print(f"on the device: rsedge-bench {args.out}")
     return 0
 
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress_parsers(sub, _Formatter, _add_training_options)
     add_quantize_parser(sub, _Formatter)
     add_coreset_parser(sub, _Formatter)
+    add_pack_parser(sub, _Formatter)
     _add_export_parsers(sub)
     _add_tool_parsers(sub)
     return p
@@ -420,6 +422,8 @@ def _add_export_parsers(sub) -> None:
     bd.add_argument("--data", help="the model's data folder (default: the folder of the model's own split)")
     bd.add_argument("--out", required=True, help="new folder for the bundle")
     bd.add_argument("--tar", action="store_true", help="also write OUT.tar.gz")
+    bd.add_argument("--pack", metavar="FILE", help="carry this .rspack of the model (`rsedge pack`) instead of the "
+                    "FP32 and INT8 ONNX files; the device unpacks it, the manifest's transfer says the bytes to send")
     bd.add_argument("--calib-size", type=int, default=512, help="calibration images from the training split")
     bd.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax",
                     help="activation range calibration of the Q/DQ model")

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 
 from . import __version__
 from .bench import benchmark, report
@@ -28,6 +29,7 @@ EPILOG = """examples:
   rsedge-bench det-bundle/ --save-predictions preds/    detection: mAP, decode + NMS time, COCO json to preds/
   rsedge-bench det.onnx --eval data/yolo                detection on images with YOLO txt labels
   rsedge-bench base/model.onnx pruned/model.onnx        rows labelled base/model.onnx and pruned/model.onnx
+  rsedge-bench model.rspack --eval data/EuroSAT/val     an uplink pack (`rsedge pack`), unpacked and run as ONNX
   rsedge bench runs/ft/model.safetensors runs/onnx/model.onnx   (host only) a PyTorch row next to the ONNX one
 
 Timing follows trtexec: warm-up for --warmup seconds, then at least --iterations runs and at least
@@ -39,6 +41,7 @@ power and GPU load.
 
 _BUNDLE_EVAL = "<bundle eval set>"
 MODEL_FILE_EXTENSIONS = (".safetensors",)
+PACK_EXTENSIONS = (".rspack",)
 
 
 def _int_list(text):
@@ -56,8 +59,9 @@ def build_parser(prog="rsedge-bench"):
                                 "ONNX models, TensorRT engines and rsedge bundles on this device.",
                                 epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help=".onnx file, TensorRT engine (.engine/.plan), bundle directory or bundle archive "
-                        "(.tar.gz), or (host `rsedge bench` only) an rsedge model file (.safetensors, run with "
+                   help=".onnx file, TensorRT engine (.engine/.plan), uplink pack (.rspack: unpacked to a "
+                        "temporary folder and run as ONNX), bundle directory or bundle archive (.tar.gz), or "
+                        "(host `rsedge bench` only) an rsedge model file (.safetensors, run with "
                         "PyTorch); several give one comparison table with the speed-up against the first")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
                    help="auto: TensorRT for .engine/.plan, ONNX Runtime for .onnx (the choice and the reason are "
@@ -344,6 +348,28 @@ def run_torch_model(path, label, args, log, model_loader):
         runner.close()
 
 
+def run_pack(path, label, args, log, cleanup):
+    """An uplink pack: checked (SHA-256, lengths) and unpacked with numpy into a temporary folder
+    (removed afterwards), then run as the ONNX model it holds; a damaged pack is refused by name."""
+    from .pack import describe, read_pack, unpack_to_onnx
+
+    if not os.path.isfile(path):
+        raise RuntimeToolError(f"pack {path} does not exist")
+    pack = read_pack(path)
+    tmp = tempfile.mkdtemp(prefix="rsedge-pack-")
+    cleanup.append(tmp)
+    onnx_path = unpack_to_onnx(pack, tmp)
+    info = describe(pack)
+    log(f"== {label}")
+    log("pack {}: {} bytes{}, {} of {} tensors quantized ({} bits), unpacked to {}".format(
+        path, info["bytes"], ", CR {:.2f} against the FP32 {}".format(info["cr"], info["fp32_reference"])
+        if info["cr"] else "", info["quantized"], info["tensors"], ",".join(str(b) for b in info["bits"]) or "-",
+        onnx_path))
+    run = run_model(onnx_path, args, log, label=label)
+    run["pack"] = {k: info[k] for k in ("bytes", "cr", "fp32_bytes", "fp32_reference", "bits", "version")}
+    return run
+
+
 def _run_one(model, label, args, log, model_loader, cleanup):
     if model.lower().endswith(ARCHIVE_SUFFIXES) and not os.path.isfile(model):
         raise RuntimeToolError(f"bundle archive {model} does not exist")
@@ -358,6 +384,8 @@ def _run_one(model, label, args, log, model_loader, cleanup):
         raise RuntimeToolError(f"{model} is a directory without manifest.json: not an rsedge bundle")
     if model.lower().endswith(MODEL_FILE_EXTENSIONS):
         return [run_torch_model(model, label, args, log, model_loader)]
+    if model.lower().endswith(PACK_EXTENSIONS):
+        return [run_pack(model, label, args, log, cleanup)]
     log(f"== {label}")
     return [run_model(model, args, log, label=label)]
 

@@ -11,6 +11,10 @@ fast INT8 and TensorRT still has calibrators; the Q/DQ variant at INT8 where the
 INT8. On a TX2 or Nano (no fast INT8) the INT8 builds are skipped with that reason: their FP16
 fallback would be the fp32 variant's FP16 engine again. A variant made for ONNX Runtime's CPU
 kernels (uint8 activations) gets no engine; without TensorRT, ONNX Runtime runs fp32 and it.
+
+A variant may be carried as an uplink pack (`rsedge bundle --pack`): its `pack` names the
+.rspack the manifest lists, its `onnx` the path under unpacked/ where `Bundle.open` unpacks it
+(numpy only) before anything builds or runs; unpacked/ is the device's, like engines/.
 """
 
 import json
@@ -18,12 +22,15 @@ import os
 
 from ..build import sidecar as sidecar_mod
 from ..build import trt_compat
-from ..errors import RuntimeToolError
+from ..errors import ManifestError, RuntimeToolError
+from ..fileio import atomic_write_text
 from ..preprocess import normalize_metadata
 from ..tasks import task_for
-from .manifest import verify_manifest
+from .manifest import sha256_file, verify_manifest
 
 ENGINE_DIR = "engines"
+UNPACK_DIR = "unpacked"
+SOURCE_STAMP = "source.sha256"  # in a variant's unpacked folder: the SHA-256 of the pack it came from
 
 
 def is_bundle(path):
@@ -59,7 +66,47 @@ class Bundle:
         ver = manifest["verification"]
         log("bundle {}: {} files verified (SHA-256){}".format(
             directory, ver["files"], "; not in the manifest: " + ", ".join(ver["unlisted"]) if ver["unlisted"] else ""))
-        return cls(directory, manifest)
+        bundle = cls(directory, manifest)
+        for variant in bundle.variants:
+            if variant.get("pack"):
+                bundle.unpack(variant, log)
+        return bundle
+
+    def unpack(self, variant, log):
+        """Unpack a variant's pack where its `onnx` points (unpacked/<variant>/), unless that folder
+        was unpacked from the same pack bytes. Engines of the variant found when it is unpacked
+        anew were built from another pack (their sidecars know only the graph file, which another
+        pack of the same model leaves unchanged): they are removed."""
+        from ..pack import read_pack, unpack_to_onnx
+
+        rel, digest = variant.get("onnx") or "", self.sha256(variant["pack"])
+        parts = rel.split("/")
+        if len(parts) != 3 or parts[0] != UNPACK_DIR or ".." in parts or "" in parts:
+            raise ManifestError("{}: variant {!r} must unpack to {}/<folder>/<file>.onnx, not {!r}".format(
+                self.directory, variant.get("name"), UNPACK_DIR, rel))
+        folder = os.path.dirname(self.path(rel))
+        stamp = os.path.join(folder, SOURCE_STAMP)
+        old = _read_text(stamp)
+        if old == digest and os.path.isfile(self.path(rel)):
+            log("{}: unpacked from {} before".format(rel, variant["pack"]))
+            return
+        self._remove_engines(variant["name"], log)
+        pack = read_pack(self.path(variant["pack"]))
+        if pack.graph_file != parts[2]:
+            raise ManifestError("{}: {} holds {}, the manifest expects {}".format(
+                self.directory, variant["pack"], pack.graph_file, parts[2]))
+        unpack_to_onnx(pack, folder)
+        atomic_write_text(stamp, digest + "\n")
+        log("{}: unpacked from {} ({} bytes sent, {} bytes of weights)".format(
+            rel, variant["pack"], self.manifest["files"][variant["pack"]]["bytes"], pack.header["weights"]["length"]))
+
+    def _remove_engines(self, name, log):
+        folder = os.path.join(self.directory, ENGINE_DIR)
+        stale = sorted(f for f in os.listdir(folder) if f.startswith(name + "-")) if os.path.isdir(folder) else []
+        for f in stale:
+            os.remove(os.path.join(folder, f))
+        if stale:
+            log("{}: unpacked anew: removed the engines built from another pack ({})".format(name, ", ".join(stale)))
 
     def path(self, rel):
         return os.path.join(self.directory, *rel.split("/"))
@@ -69,7 +116,9 @@ class Bundle:
         return list(self.manifest.get("variants") or [])
 
     def sha256(self, rel):
-        return self.manifest["files"][rel]["sha256"]
+        """A sent file's SHA-256 from the manifest; a file unpacked here, of the file itself."""
+        entry = self.manifest["files"].get(rel)
+        return entry["sha256"] if entry is not None else sha256_file(self.path(rel))
 
     def calib_dir(self):
         rel = (self.manifest.get("calibration") or {}).get("dir")
@@ -98,6 +147,14 @@ class Bundle:
 
     def engine_path(self, name):
         return os.path.join(self.directory, ENGINE_DIR, name)
+
+
+def _read_text(path):
+    try:
+        with open(path, "r") as f:
+            return f.read().strip()
+    except (IOError, OSError):
+        return None
 
 
 def _weak_typing(caps):

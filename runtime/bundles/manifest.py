@@ -2,7 +2,8 @@
 
 A bundle travels by USB stick, scp or an uplink; a truncated copy or a swapped file must be
 caught before hours of engine building and benchmarking, and reported by name. `engines/` is
-excluded: the device writes its own engines there, and they are not part of what was sent.
+excluded: the device writes its own engines there, and they are not part of what was sent; so is
+`unpacked/`, where the device unpacks a bundle's .rspack (the pack is what was sent and is listed).
 """
 
 import hashlib
@@ -14,7 +15,7 @@ from ..fileio import atomic_write_text, utc_now
 
 FORMAT = "rsedge-bundle/1"
 MANIFEST = "manifest.json"
-UNLISTED_DIRS = ("engines",)
+UNLISTED_DIRS = ("engines", "unpacked")
 
 
 def sha256_file(path, chunk_size=1 << 20):
@@ -87,8 +88,9 @@ def referenced_files(doc):
     """Files the manifest's description points at; each must be one of the listed files."""
     refs = []
     for variant in doc.get("variants") or []:
-        if variant.get("onnx"):
-            refs.append(variant["onnx"])
+        source = variant.get("pack") or variant.get("onnx")  # a pack's ONNX is unpacked on the device
+        if source:
+            refs.append(source)
     for key in ("preprocess", "labels"):
         if doc.get(key):
             refs.append(doc[key])
