@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rsedge.runtime.pack import dequantize
+from rsedge.runtime.pack import code_range, dequantize  # the grid host and device share
 
 from .unstructured import (
     Calibration,
@@ -156,12 +156,6 @@ def _check_bits(bits: int) -> int:
 
 
 # ---- one tensor ------------------------------------------------------------------------------
-
-def code_range(bits: int) -> tuple[int, int]:
-    """(lowest, highest) signed code; 1 bit is {-1, +1}."""
-    bits = _check_bits(bits)
-    return (-1, 1) if bits == 1 else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
-
 
 def _codes(rows: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Float codes of `rows` ([R, n]) on the grid of `scale` ([R]); a zero scale (an all-zero
